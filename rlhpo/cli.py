@@ -1,0 +1,188 @@
+"""The ``rlhpo`` command line: one command per job.
+
+Each command is a thin wrapper: the work lives in the library modules, imported
+lazily so that ``rlhpo --help`` and ``rlhpo tasks`` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# Never hang or prompt on W&B: offline unless the user chose a mode.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="rlhpo: learn how to tune a neural network while it trains.",
+)
+# A fixed width when piped (CI logs) so tables are not squeezed to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 130)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def tasks(
+    suite: Annotated[
+        str, typer.Option(help="Suite name under envs/ or path to a TOML file.")
+    ] = "default",
+    split: Annotated[str, typer.Option(help="train, test or all.")] = "all",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the tasks of a suite: dataset, model, budget and metric."""
+    from rlhpo.tasks import SpecError, load_suite
+
+    try:
+        s = load_suite(suite)
+        specs = s.split(split)
+    except SpecError as e:
+        _fail(str(e))
+    rows = []
+    for t in specs:
+        row = t.summary()
+        row["split"] = "train" if t.name in s.train else "test"
+        rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"suite {s.name!r} ({split})")
+    for col in ("name", "split", "dataset", "model", "metric", "budget_samples", "intervals"):
+        table.add_column(col, justify="right" if col in ("budget_samples", "intervals") else "left")
+    for r in rows:
+        table.add_row(
+            *(
+                str(r[c])
+                for c in (
+                    "name",
+                    "split",
+                    "dataset",
+                    "model",
+                    "metric",
+                    "budget_samples",
+                    "intervals",
+                )
+            )
+        )
+    console.print(table)
+
+
+@app.command()
+def episode(
+    suite: Annotated[str, typer.Option(help="Suite name or TOML path.")] = "default",
+    task: Annotated[
+        str, typer.Option(help="Task name (default: the suite's first test task).")
+    ] = "",
+    seed: Annotated[int, typer.Option(help="Episode seed.")] = 0,
+    policy: Annotated[
+        str, typer.Option(help="'noop' keeps the start hyperparameters, 'random' samples actions.")
+    ] = "noop",
+    start: Annotated[
+        str, typer.Option(help="'default' or 'random' starting hyperparameters.")
+    ] = "random",
+    budget_scale: Annotated[float, typer.Option(help="Multiply the task's sample budget.")] = 1.0,
+) -> None:
+    """Run one episode of the environment and show hyperparameters and metrics per step."""
+    from rlhpo.env import HPOEnv
+    from rlhpo.tasks import SpecError, load_suite
+
+    try:
+        s = load_suite(suite)
+        name = task or (s.test[0] if s.test else s.train[0])
+        env = HPOEnv(s, split="all", tasks=[name], budget_scale=budget_scale, timing=True)
+    except (SpecError, ValueError) as e:
+        _fail(str(e))
+    if policy not in ("noop", "random"):
+        _fail(f"policy must be noop or random, got {policy!r}")
+    show_episode(env, name, seed, policy, start)
+
+
+def show_episode(env, task: str, seed: int, policy: str, start: str) -> None:
+    """Run one episode and print a per-step table (used by ``episode`` and the demo)."""
+    from rlhpo.actions import ActionCodec
+
+    options = {"task": task}
+    if start == "default":
+        options["start"] = "default"
+    obs, info = env.reset(seed=seed, options=options)
+    env.action_space.seed(seed)
+    table = Table(title=f"{task}: one episode, policy={policy}, seed={seed}")
+    for col in (
+        "step",
+        "lr",
+        "batch",
+        "dropout",
+        "train loss",
+        "val loss",
+        "val score",
+        "reward",
+        "samples",
+    ):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "0",
+        f"{info['hp']['lr']:.2e}",
+        str(info["hp"]["batch_size"]),
+        f"{info['hp']['dropout']:.2f}",
+        "",
+        f"{info['val_loss']:.4f}",
+        f"{info['val_score']:.4f}",
+        "",
+        "0",
+    )
+    done, ret = False, 0.0
+    while not done:
+        action = ActionCodec.NOOP if policy == "noop" else env.action_space.sample()
+        obs, r, term, trunc, info = env.step(action)
+        ret += r
+        done = term or trunc
+        table.add_row(
+            str(info["interval"]),
+            f"{info['hp']['lr']:.2e}",
+            str(info["hp"]["batch_size"]),
+            f"{info['hp']['dropout']:.2f}",
+            f"{info['train_loss']:.4f}",
+            f"{info['val_loss']:.4f}",
+            f"{info['val_score']:.4f}",
+            f"{r:+.4f}",
+            str(info["samples"]),
+        )
+    console.print(table)
+    test = env.test_score()
+    console.print(
+        f"return {ret:+.4f} | final val {info['val_score']:.4f} | test {test['score']:.4f} | "
+        f"{info['optimizer_steps']} optimizer steps ({info['static_steps']} at the default batch) | "
+        f"{info['wall_time']:.2f} s training" + (" | DIVERGED" if info["diverged"] else "")
+    )
+
+
+@app.command()
+def demo() -> None:
+    """The first taste: one episode on a held-out task from a bad start and from the default."""
+    from rlhpo.env import HPOEnv
+
+    env = HPOEnv("default", split="test", tasks=["mnist1d-cnn"], timing=True)
+    console.print(
+        "[bold]rlhpo demo[/bold]: the environment trains a real model one interval per step."
+    )
+    show_episode(env, "mnist1d-cnn", seed=0, policy="noop", start="default")
+    show_episode(env, "mnist1d-cnn", seed=1, policy="random", start="random")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,253 @@
+"""The tuning environment: each step trains a real model for one interval."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from rlhpo.actions import ActionCodec
+from rlhpo.knobs import KNOBS
+from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
+from rlhpo.runtime import limit_threads
+from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
+from rlhpo.trainees import Trainee, build_trainee
+
+ENV_ID = "rlhpo/HPO-v0"
+
+
+class HPOEnv(gym.Env):
+    """Tune learning rate, batch size and dropout of a training run while it trains.
+
+    ## Description
+    An episode is one training run of a task from a suite (``envs/*.toml``). The
+    task's budget, counted in training samples, is cut into ``intervals`` equal
+    parts; each step applies the action to the live run's hyperparameters, trains
+    one interval, and evaluates on the validation split. The test split is never
+    seen here.
+
+    ## Action Space
+    ``MultiDiscrete([5, 3, 3])`` decoded by :class:`rlhpo.actions.ActionCodec`:
+    lr x{1/4, 1/2, 1, 2, 4}; batch size one step down / stay / up the space's
+    list; dropout -0.1 / 0 / +0.1. Everything is clipped to the task's space.
+    ``(2, 1, 1)`` keeps the hyperparameters as they are.
+
+    ## Observation Space
+    ``Box(-10, 10, (16,), float32)`` from :class:`rlhpo.observation.ObservationEncoder`:
+    budget used, hyperparameters relative to their bounds, normalised validation
+    score and its recent changes, loss ratios, train/val gap.
+
+    ## Rewards
+    The change of the normalised validation score (0 = chance or mean predictor,
+    1 = perfect) over the step, so an episode's return is final minus initial
+    score and tasks of different difficulty are comparable. Minus a compute charge:
+    ``compute_penalty * max(0, steps / static_steps - 1) / intervals``, where
+    ``static_steps`` are the optimizer steps the task's default batch size would
+    take for the same samples. Smaller batches buy more optimizer steps (and
+    wall time) for the same samples; the charge makes the policy pay for that.
+
+    ## Starting State
+    A task drawn uniformly from the split (or ``options["task"]``); starting
+    hyperparameters drawn from the task's start distribution (lr log-uniform,
+    batch size from a list, dropout uniform), or ``options["hp"]``, or the task's
+    default with ``options["start"] = "default"``. The untrained model is evaluated
+    once to give the first observation.
+
+    ## Episode End
+    Terminated when the budget is used up, or on divergence (a non-finite loss,
+    or a training loss above ``explode_factor`` x the initial loss): then the
+    score counts as chance (0) and ``divergence_penalty`` is subtracted. Never raises
+    on divergence.
+
+    ## Arguments
+    - ``suite``: suite name under ``envs/`` or path to a TOML file (default ``"default"``).
+    - ``split``: ``"train"``, ``"test"`` or ``"all"``.
+    - ``tasks``: optional list of task names to restrict to.
+    - ``budget_scale``: multiply every task's sample budget (tests, quick demos).
+    - ``compute_penalty``: weight of the compute charge (default 0.1).
+    - ``divergence_penalty``: subtracted on divergence (default 0.5).
+    - ``explode_factor``: train loss above this x initial loss is divergence (default 10).
+    - ``freeze``: knobs the action may not change (ablations).
+    - ``timing``: add the run's training wall time (``wall_time``, seconds) to
+      ``info``. Off by default so that ``info`` is deterministic under a seed;
+      ``env.trainee.wall_time`` always has it.
+
+    ## Version History
+    - v0: first version (ObservationEncoder v1, ActionCodec v1).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        suite: str | Suite = "default",
+        split: str = "train",
+        tasks: list[str] | None = None,
+        budget_scale: float = 1.0,
+        compute_penalty: float = 0.1,
+        divergence_penalty: float = 0.5,
+        explode_factor: float = 10.0,
+        freeze: tuple[str, ...] | list[str] = (),
+        timing: bool = False,
+    ):
+        limit_threads()
+        self.suite = suite if isinstance(suite, Suite) else load_suite(suite)
+        specs = self.suite.split(split)
+        if tasks is not None:
+            specs = [self.suite.task(t) for t in tasks]
+        if not specs:
+            raise ValueError(f"split {split!r} of suite {self.suite.name!r} holds no tasks")
+        if not budget_scale > 0:
+            raise ValueError(f"budget_scale must be > 0, got {budget_scale!r}")
+        for name, v in (
+            ("compute_penalty", compute_penalty),
+            ("divergence_penalty", divergence_penalty),
+        ):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        self.split = split
+        self.tasks: dict[str, TaskSpec] = {
+            s.name: (s.scaled(budget_scale) if budget_scale != 1.0 else s) for s in specs
+        }
+        self.task_names = list(self.tasks)
+        self.budget_scale = budget_scale
+        self.compute_penalty = float(compute_penalty)
+        self.divergence_penalty = float(divergence_penalty)
+        self.explode_factor = float(explode_factor)
+        self.freeze = tuple(freeze)
+        self.timing = bool(timing)
+        self.action_space = spaces.MultiDiscrete(np.array(ActionCodec.NVEC, dtype=np.int64))
+        self.observation_space = spaces.Box(
+            low=-10.0, high=10.0, shape=(ObservationEncoder.SIZE,), dtype=np.float32
+        )
+        self.spec_task: TaskSpec | None = None
+        self.trainee: Trainee | None = None
+
+    # ------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        name = options.get("task")
+        if name is None:
+            name = self.task_names[int(self.np_random.integers(len(self.task_names)))]
+        elif name not in self.tasks:
+            raise ValueError(
+                f"task {name!r} is not in this env's tasks: {', '.join(self.task_names)}"
+            )
+        task = self.tasks[name]
+        start = self._start_hp(task, options)
+        run_seed = int(self.np_random.integers(2**31 - 1))
+        self.spec_task = task
+        self.trainee = build_trainee(task, start, seed=run_seed)
+        self.encoder = ObservationEncoder(task.space)
+        self.codec = ActionCodec(task.space, freeze=self.freeze)
+        self.history = MetricHistory()
+        self.n_classes = self.trainee.data.n_classes
+        self.interval = 0
+        self.static_steps = 0
+        ev = self.trainee.evaluate()
+        self._ref_loss = ev["loss"]
+        self.history.record(
+            val_loss=ev["loss"],
+            val_score=self._norm(ev["score"]),
+            train_loss=None,
+            hp=self.trainee.hp,
+            budget_fraction=0.0,
+        )
+        return self.encoder.encode(self.history), self._info(ev, None, diverged=False)
+
+    def _start_hp(self, task: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
+        if "hp" in options:
+            unknown = set(options["hp"]) - set(KNOBS)
+            if unknown:
+                raise ValueError(
+                    f"options['hp'] has unknown knobs {sorted(unknown)}; knobs are {KNOBS}"
+                )
+            return task.space.clip_all({**task.default, **options["hp"]})
+        if options.get("start") == "default":
+            return dict(task.default)
+        st, rng = task.start, self.np_random
+        lr = float(math.exp(rng.uniform(math.log(st.lr[0]), math.log(st.lr[1]))))
+        bs = int(st.batch_size[int(rng.integers(len(st.batch_size)))])
+        do = float(rng.uniform(st.dropout[0], st.dropout[1]))
+        return {"lr": lr, "batch_size": bs, "dropout": do}
+
+    def _norm(self, score: float) -> float:
+        return normalised_score(self.spec_task.metric, score, self.n_classes)
+
+    def step(self, action):
+        if self.trainee is None:
+            raise RuntimeError("call reset() before step()")
+        task, tr = self.spec_task, self.trainee
+        prev_score = self.history.last.val_score
+        hp = self.codec.decode(action, tr.hp)
+        tr.set_hp(**hp)
+        n = min(task.interval_samples, task.budget_samples - tr.samples_seen)
+        stats = tr.train(n)
+        self.interval += 1
+        static = math.ceil(stats.samples / task.default["batch_size"])
+        self.static_steps += static
+        diverged = stats.diverged or not math.isfinite(stats.train_loss)
+        diverged = diverged or stats.train_loss > self.explode_factor * max(self._ref_loss, 1e-8)
+        ev = tr.evaluate()
+        if not math.isfinite(ev["loss"]):
+            diverged = True
+        frac = tr.samples_seen / task.budget_samples
+        charge = (
+            self.compute_penalty * max(0.0, stats.steps / max(static, 1) - 1.0) / task.intervals
+        )
+        if diverged:
+            score = 0.0
+            reward = (score - prev_score) - self.divergence_penalty - charge
+        else:
+            score = self._norm(ev["score"])
+            reward = score - prev_score - charge
+        self.history.record(
+            val_loss=ev["loss"] if math.isfinite(ev["loss"]) else 1e6,
+            val_score=score,
+            train_loss=stats.train_loss if math.isfinite(stats.train_loss) else 1e6,
+            hp=tr.hp,
+            budget_fraction=frac,
+        )
+        terminated = diverged or tr.samples_seen >= task.budget_samples
+        obs = self.encoder.encode(self.history)
+        info = self._info(ev, stats, diverged=diverged)
+        info["compute_charge"] = charge
+        return obs, float(reward), bool(terminated), False, info
+
+    def _info(self, ev: dict[str, float], stats, diverged: bool) -> dict[str, Any]:
+        tr, task = self.trainee, self.spec_task
+        info = {
+            "task": task.name,
+            "interval": self.interval,
+            "hp": tr.hp,
+            "val_loss": ev["loss"],
+            "val_score": ev["score"],
+            "val_norm_score": self.history.last.val_score,
+            "train_loss": None if stats is None else stats.train_loss,
+            "samples": tr.samples_seen,
+            "budget_samples": task.budget_samples,
+            "optimizer_steps": tr.optimizer_steps,
+            "static_steps": self.static_steps,
+            "diverged": diverged,
+        }
+        if self.timing:
+            info["wall_time"] = tr.wall_time
+        return info
+
+    def test_score(self) -> dict[str, float]:
+        """Test-split loss and metric of the current run, for reporting only.
+
+        Never part of the observation or reward.
+        """
+        if self.trainee is None:
+            raise RuntimeError("call reset() before test_score()")
+        return self.trainee.evaluate("test")
+
+
+def register_envs() -> None:
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="rlhpo.env:HPOEnv")

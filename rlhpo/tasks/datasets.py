@@ -1,0 +1,226 @@
+"""Datasets made offline: generated (MNIST-1D, scikit-learn generators, token
+sequences) or bundled with scikit-learn. Split once per task into train / val /
+test with the task's ``data_seed``; features standardised on the train split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhpo.tasks.spec import SpecError
+
+# Allowed dataset_args per dataset, with their defaults.
+DATASET_ARGS: dict[str, dict[str, Any]] = {
+    "mnist1d": {"num_samples": 5000},
+    "digits": {},
+    "wine": {},
+    "breast_cancer": {},
+    "make_classification": {
+        "n_samples": 2000,
+        "n_features": 20,
+        "n_informative": 10,
+        "n_classes": 2,
+        "class_sep": 1.0,
+        "flip_y": 0.01,
+    },
+    "make_regression": {"n_samples": 2000, "n_features": 20, "n_informative": 10, "noise": 10.0},
+    "friedman1": {"n_samples": 2000, "n_features": 10, "noise": 1.0},
+    "sequences": {"n_samples": 3000, "length": 24, "vocab": 16, "n_classes": 4},
+}
+
+
+def check_dataset_args(dataset: str, args: dict[str, Any], where: str) -> None:
+    allowed = DATASET_ARGS[dataset]
+    for k, v in args.items():
+        if k not in allowed:
+            raise SpecError(
+                f"{where}: unknown key {k!r} for dataset {dataset!r} "
+                f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
+            )
+        want = type(allowed[k])
+        if (
+            not isinstance(v, (int, float))
+            or isinstance(v, bool)
+            or (want is int and not isinstance(v, int))
+        ):
+            raise SpecError(f"{where}: key {k!r} must be {want.__name__}, got {v!r}")
+        if v < 0:
+            raise SpecError(f"{where}: key {k!r} must be >= 0, got {v!r}")
+
+
+@dataclass
+class TaskData:
+    """Tensors of one task, split once. ``n_classes`` is 0 for regression."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+    tokens: bool = False
+    vocab: int = 0
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+_CACHE: dict[tuple, TaskData] = {}
+
+
+def load_data(
+    dataset: str,
+    args: dict[str, Any] | None = None,
+    data_seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+) -> TaskData:
+    """Build (or fetch from the in-process cache) the split tensors of a dataset."""
+    args = dict(args or {})
+    key = (dataset, tuple(sorted(args.items())), data_seed, val_fraction, test_fraction)
+    if key not in _CACHE:
+        _CACHE[key] = _build(
+            dataset, {**DATASET_ARGS[dataset], **args}, data_seed, val_fraction, test_fraction
+        )
+    return _CACHE[key]
+
+
+def _build(dataset: str, a: dict[str, Any], seed: int, val_f: float, test_f: float) -> TaskData:
+    rng = np.random.default_rng(seed)
+    if dataset == "mnist1d":
+        x, y, x_test, y_test = _mnist1d(a["num_samples"], seed)
+        # mnist1d ships its own test split; val is carved from its train part.
+        idx = rng.permutation(len(x))
+        n_val = int(round(len(x) * val_f * 0.625))  # 4000 -> 3500 train / 500 val
+        val, tr = idx[:n_val], idx[n_val:]
+        return _finish(x[tr], y[tr], x[val], y[val], x_test, y_test, n_classes=10)
+    if dataset == "sequences":
+        x, y = _sequences(rng, a["n_samples"], a["length"], a["vocab"], a["n_classes"])
+        return _split(
+            rng, x, y, val_f, test_f, n_classes=a["n_classes"], tokens=True, vocab=a["vocab"]
+        )
+    from sklearn import datasets as skd
+
+    if dataset in ("digits", "wine", "breast_cancer"):
+        loader = {
+            "digits": skd.load_digits,
+            "wine": skd.load_wine,
+            "breast_cancer": skd.load_breast_cancer,
+        }
+        x, y = loader[dataset](return_X_y=True)
+        return _split(rng, x, y, val_f, test_f, n_classes=int(y.max()) + 1)
+    rs = int(rng.integers(2**31 - 1))
+    if dataset == "make_classification":
+        x, y = skd.make_classification(
+            n_samples=a["n_samples"],
+            n_features=a["n_features"],
+            n_informative=min(a["n_informative"], a["n_features"]),
+            n_redundant=0,
+            n_classes=a["n_classes"],
+            n_clusters_per_class=2 if a["n_classes"] <= 4 else 1,
+            class_sep=a["class_sep"],
+            flip_y=a["flip_y"],
+            random_state=rs,
+        )
+        return _split(rng, x, y, val_f, test_f, n_classes=a["n_classes"])
+    if dataset == "make_regression":
+        x, y = skd.make_regression(
+            n_samples=a["n_samples"],
+            n_features=a["n_features"],
+            n_informative=min(a["n_informative"], a["n_features"]),
+            noise=a["noise"],
+            random_state=rs,
+        )
+        # A mild non-linearity so that a network has something to learn beyond OLS.
+        y = y + 0.3 * np.abs(y).mean() * np.tanh(x[:, 0] * x[:, 1])
+        return _split(rng, x, y, val_f, test_f, n_classes=0)
+    if dataset == "friedman1":
+        x, y = skd.make_friedman1(
+            n_samples=a["n_samples"], n_features=a["n_features"], noise=a["noise"], random_state=rs
+        )
+        return _split(rng, x, y, val_f, test_f, n_classes=0)
+    raise SpecError(f"unknown dataset {dataset!r}")
+
+
+def _mnist1d(num_samples: int, seed: int):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = int(num_samples)
+    args.seed = 42 + int(seed)
+    # make_dataset seeds numpy's global RNG; keep the caller's global state intact.
+    state = np.random.get_state()
+    try:
+        d = make_dataset(args)  # generated offline; get_dataset() would try a download
+    finally:
+        np.random.set_state(state)
+    return d["x"], d["y"], d["x_test"], d["y_test"]
+
+
+def _sequences(rng: np.random.Generator, n: int, length: int, vocab: int, k: int):
+    """Token sequences whose label is the class token that occurs most often.
+
+    Tokens ``1..k`` are class tokens, the rest are filler. Each sequence carries
+    a few of several class tokens; the most frequent one (made unique) is the label.
+    """
+    if vocab <= k + 1:
+        raise SpecError(
+            f"sequences: vocab must exceed n_classes + 1, got vocab={vocab}, n_classes={k}"
+        )
+    x = rng.integers(k + 1, vocab, size=(n, length))
+    y = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        counts = rng.integers(0, 4, size=k)
+        top = int(rng.integers(k))
+        counts[top] = counts.max() + 1
+        pos = rng.permutation(length)
+        j = 0
+        for c in range(k):
+            for _ in range(int(counts[c])):
+                if j < length:
+                    x[i, pos[j]] = c + 1
+                    j += 1
+        y[i] = top
+    return x, y
+
+
+def _split(rng, x, y, val_f, test_f, n_classes, tokens=False, vocab=0) -> TaskData:
+    idx = rng.permutation(len(x))
+    n_test = int(round(len(x) * test_f))
+    n_val = int(round(len(x) * val_f))
+    te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+    return _finish(x[tr], y[tr], x[va], y[va], x[te], y[te], n_classes, tokens, vocab)
+
+
+def _finish(xtr, ytr, xva, yva, xte, yte, n_classes, tokens=False, vocab=0) -> TaskData:
+    if tokens:
+        conv_x = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+    else:
+        mu, sd = xtr.mean(0), xtr.std(0) + 1e-8
+        conv_x = lambda a: torch.as_tensor((np.asarray(a) - mu) / sd, dtype=torch.float32)  # noqa: E731
+    if n_classes:
+        conv_y = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+    else:
+        ym, ys = ytr.mean(), ytr.std() + 1e-8
+        conv_y = lambda a: torch.as_tensor((np.asarray(a) - ym) / ys, dtype=torch.float32)  # noqa: E731
+    return TaskData(
+        conv_x(xtr),
+        conv_y(ytr),
+        conv_x(xva),
+        conv_y(yva),
+        conv_x(xte),
+        conv_y(yte),
+        n_classes=n_classes,
+        tokens=tokens,
+        vocab=vocab,
+    )

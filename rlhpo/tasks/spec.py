@@ -1,0 +1,389 @@
+"""Task specs and suites, read from TOML and validated strictly.
+
+A suite file holds ``name``, the ``train`` and ``test`` lists of task names, an
+optional ``[defaults]`` table merged under every task, and one ``[tasks.NAME]``
+table per task. Every error names the file, the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from rlhpo.knobs import SearchSpace
+
+DATASETS = (
+    "mnist1d",
+    "digits",
+    "wine",
+    "breast_cancer",
+    "make_classification",
+    "make_regression",
+    "friedman1",
+    "sequences",
+)
+MODELS = ("mlp", "cnn1d", "gru", "transformer")
+METRICS = ("accuracy", "r2")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+# Which datasets produce token sequences (only sequence models take them).
+SEQUENCE_DATASETS = ("sequences",)
+
+_TASK_KEYS = {
+    "dataset",
+    "dataset_args",
+    "model",
+    "model_args",
+    "metric",
+    "optimizer",
+    "budget_samples",
+    "intervals",
+    "data_seed",
+    "val_fraction",
+    "test_fraction",
+    "space",
+    "start",
+    "default",
+    "description",
+}
+_SPACE_KEYS = {"lr", "batch_size", "dropout"}
+_SUITE_KEYS = {"name", "description", "train", "test", "defaults", "tasks"}
+
+
+class SpecError(ValueError):
+    """A task or suite file breaks a rule; the message names file, key and value."""
+
+
+@dataclass(frozen=True)
+class StartDistribution:
+    """Where episodes start: lr log-uniform, batch size from a list, dropout uniform."""
+
+    lr: tuple[float, float]
+    batch_size: tuple[int, ...]
+    dropout: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything needed to build one training run: data, model, metric, budget, space."""
+
+    name: str
+    dataset: str
+    model: str
+    metric: str
+    budget_samples: int
+    intervals: int
+    space: SearchSpace
+    start: StartDistribution
+    default: dict[str, float]
+    dataset_args: dict[str, Any] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adam"
+    data_seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    description: str = ""
+    source: str = ""
+
+    @property
+    def interval_samples(self) -> int:
+        return math.ceil(self.budget_samples / self.intervals)
+
+    def scaled(self, budget_scale: float) -> TaskSpec:
+        """The same task with its sample budget multiplied (for tests and quick demos)."""
+        if not budget_scale > 0:
+            raise SpecError(f"budget_scale must be > 0, got {budget_scale!r}")
+        from dataclasses import replace
+
+        budget = max(self.intervals, int(round(self.budget_samples * budget_scale)))
+        return replace(self, budget_samples=budget)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dataset": self.dataset,
+            "model": self.model,
+            "metric": self.metric,
+            "budget_samples": self.budget_samples,
+            "intervals": self.intervals,
+            "optimizer": self.optimizer,
+            "description": self.description,
+        }
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named set of tasks with a train and a test split."""
+
+    name: str
+    tasks: dict[str, TaskSpec]
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    source: str = ""
+    description: str = ""
+
+    def split(self, split: str) -> list[TaskSpec]:
+        if split == "train":
+            names = self.train
+        elif split == "test":
+            names = self.test
+        elif split == "all":
+            names = self.train + self.test
+        else:
+            raise SpecError(f"split must be one of train, test, all; got {split!r}")
+        return [self.tasks[n] for n in names]
+
+    def task(self, name: str) -> TaskSpec:
+        if name not in self.tasks:
+            raise SpecError(
+                f"{self.source}: no task named {name!r}; known tasks: {', '.join(sorted(self.tasks))}"
+            )
+        return self.tasks[name]
+
+
+def envs_dir() -> Path:
+    """Folder holding the shipped suites (``RLHPO_ENVS`` overrides it)."""
+    override = os.environ.get("RLHPO_ENVS")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "envs"
+
+
+def resolve_suite_path(suite: str | os.PathLike[str]) -> Path:
+    """A suite name (``default``) or a path to a TOML file."""
+    p = Path(suite)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise SpecError(f"suite file {str(p)!r} does not exist")
+        return p
+    candidate = envs_dir() / f"{suite}.toml"
+    if not candidate.is_file():
+        known = sorted(f.stem for f in envs_dir().glob("*.toml"))
+        raise SpecError(f"unknown suite {str(suite)!r}; known suites: {', '.join(known)}")
+    return candidate
+
+
+_SUITE_CACHE: dict[tuple[str, float], Suite] = {}
+
+
+def load_suite(suite: str | os.PathLike[str] = "default") -> Suite:
+    """Load and validate a suite by name or path (cached by path and mtime)."""
+    path = resolve_suite_path(suite)
+    key = (str(path.resolve()), path.stat().st_mtime)
+    if key not in _SUITE_CACHE:
+        _SUITE_CACHE[key] = _parse_suite(path)
+    return _SUITE_CACHE[key]
+
+
+def _parse_suite(path: Path) -> Suite:
+    src = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{src}: not valid TOML: {e}") from e
+    _check_keys(src, "", raw, _SUITE_KEYS)
+    name = _get(src, raw, "name", str, "")
+    tasks_raw = _get(src, raw, "tasks", dict, "")
+    if not tasks_raw:
+        raise SpecError(f"{src}: 'tasks' must hold at least one [tasks.NAME] table")
+    defaults = _get(src, raw, "defaults", dict, "", required=False) or {}
+    _check_keys(src, "defaults.", defaults, _TASK_KEYS)
+    tasks: dict[str, TaskSpec] = {}
+    for tname, traw in tasks_raw.items():
+        if not isinstance(traw, dict):
+            raise SpecError(f"{src}: key 'tasks.{tname}' must be a table, got {traw!r}")
+        merged = _merge(defaults, traw)
+        tasks[tname] = parse_task(tname, merged, src)
+    splits = {}
+    for split in ("train", "test"):
+        names = _get(src, raw, split, list, "")
+        for n in names:
+            if not isinstance(n, str) or n not in tasks:
+                raise SpecError(f"{src}: key '{split}' names unknown task {n!r}")
+        if len(set(names)) != len(names):
+            raise SpecError(f"{src}: key '{split}' lists a task twice: {names!r}")
+        splits[split] = tuple(names)
+    overlap = set(splits["train"]) & set(splits["test"])
+    if overlap:
+        raise SpecError(f"{src}: tasks in both train and test: {sorted(overlap)!r}")
+    if not splits["train"]:
+        raise SpecError(f"{src}: key 'train' must list at least one task, got []")
+    return Suite(
+        name=name,
+        tasks=tasks,
+        train=splits["train"],
+        test=splits["test"],
+        source=src,
+        description=str(raw.get("description", "")),
+    )
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _check_keys(src: str, prefix: str, raw: dict, allowed: set[str]) -> None:
+    for k in raw:
+        if k not in allowed:
+            raise SpecError(
+                f"{src}: unknown key '{prefix}{k}' (allowed: {', '.join(sorted(allowed))})"
+            )
+
+
+def _get(src: str, raw: dict, key: str, typ: type | tuple, prefix: str, required: bool = True):
+    if key not in raw:
+        if required:
+            raise SpecError(f"{src}: missing key '{prefix}{key}'")
+        return None
+    v = raw[key]
+    ok = isinstance(v, typ) and not (typ in (int, float) and isinstance(v, bool))
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        ok = True
+        v = float(v)
+    if not ok:
+        tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise SpecError(f"{src}: key '{prefix}{key}' must be {tname}, got {v!r}")
+    return v
+
+
+def _range(src: str, raw: dict, key: str, prefix: str, lo_ok: float, hi_ok: float, log=False):
+    v = _get(src, raw, key, list, prefix)
+    if len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise SpecError(f"{src}: key '{prefix}{key}' must be [low, high], got {v!r}")
+    lo, hi = float(v[0]), float(v[1])
+    if not (lo < hi):
+        raise SpecError(f"{src}: key '{prefix}{key}' is empty or inverted: {v!r}")
+    if lo < lo_ok or hi > hi_ok or (log and lo <= 0):
+        raise SpecError(f"{src}: key '{prefix}{key}' must lie in [{lo_ok}, {hi_ok}], got {v!r}")
+    return lo, hi
+
+
+def _batch_list(src: str, raw: dict, key: str, prefix: str) -> tuple[int, ...]:
+    v = _get(src, raw, key, list, prefix)
+    if not v or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v):
+        raise SpecError(
+            f"{src}: key '{prefix}{key}' must be a non-empty list of positive integers, got {v!r}"
+        )
+    if list(v) != sorted(set(v)):
+        raise SpecError(f"{src}: key '{prefix}{key}' must be strictly increasing, got {v!r}")
+    return tuple(v)
+
+
+def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
+    """Validate one task table (after defaults were merged in)."""
+    p = f"tasks.{name}."
+    _check_keys(src, p, raw, _TASK_KEYS)
+    dataset = _get(src, raw, "dataset", str, p)
+    if dataset not in DATASETS:
+        raise SpecError(
+            f"{src}: key '{p}dataset' is unknown: {dataset!r} (known: {', '.join(DATASETS)})"
+        )
+    model = _get(src, raw, "model", str, p)
+    if model not in MODELS:
+        raise SpecError(f"{src}: key '{p}model' is unknown: {model!r} (known: {', '.join(MODELS)})")
+    if model == "transformer" and dataset not in SEQUENCE_DATASETS:
+        raise SpecError(
+            f"{src}: key '{p}model' = 'transformer' needs a token dataset "
+            f"({', '.join(SEQUENCE_DATASETS)}), got dataset {dataset!r}"
+        )
+    metric = _get(src, raw, "metric", str, p)
+    if metric not in METRICS:
+        raise SpecError(
+            f"{src}: key '{p}metric' is unknown: {metric!r} (known: {', '.join(METRICS)})"
+        )
+    regression = dataset in ("make_regression", "friedman1")
+    if regression != (metric == "r2"):
+        raise SpecError(
+            f"{src}: key '{p}metric' = {metric!r} does not fit dataset {dataset!r} "
+            f"(regression datasets use 'r2', classification ones 'accuracy')"
+        )
+    optimizer = _get(src, raw, "optimizer", str, p, required=False) or "adam"
+    if optimizer not in OPTIMIZERS:
+        raise SpecError(
+            f"{src}: key '{p}optimizer' is unknown: {optimizer!r} (known: {', '.join(OPTIMIZERS)})"
+        )
+    budget = _get(src, raw, "budget_samples", int, p)
+    intervals = _get(src, raw, "intervals", int, p)
+    if budget < 1:
+        raise SpecError(f"{src}: key '{p}budget_samples' must be >= 1, got {budget!r}")
+    if not 1 <= intervals <= budget:
+        raise SpecError(
+            f"{src}: key '{p}intervals' must be in [1, budget_samples], got {intervals!r}"
+        )
+    data_seed = _get(src, raw, "data_seed", int, p, required=False) or 0
+    fractions = {}
+    for k in ("val_fraction", "test_fraction"):
+        v = _get(src, raw, k, float, p, required=False)
+        v = 0.2 if v is None else v
+        if not 0.0 < v < 0.5:
+            raise SpecError(f"{src}: key '{p}{k}' must be in (0, 0.5), got {v!r}")
+        fractions[k] = v
+
+    sp = _get(src, raw, "space", dict, p)
+    _check_keys(src, f"{p}space.", sp, _SPACE_KEYS)
+    lr = _range(src, sp, "lr", f"{p}space.", 1e-8, 10.0, log=True)
+    bs = _batch_list(src, sp, "batch_size", f"{p}space.")
+    do = _range(src, sp, "dropout", f"{p}space.", 0.0, 0.95)
+    space = SearchSpace(lr=lr, batch_sizes=bs, dropout=do)
+
+    st = _get(src, raw, "start", dict, p)
+    _check_keys(src, f"{p}start.", st, _SPACE_KEYS)
+    s_lr = _range(src, st, "lr", f"{p}start.", lr[0], lr[1], log=True)
+    s_bs = _batch_list(src, st, "batch_size", f"{p}start.")
+    for b in s_bs:
+        if b not in bs:
+            raise SpecError(
+                f"{src}: key '{p}start.batch_size' holds {b!r}, not in space {list(bs)!r}"
+            )
+    s_do = _range(src, st, "dropout", f"{p}start.", do[0], do[1])
+    start = StartDistribution(lr=s_lr, batch_size=s_bs, dropout=s_do)
+
+    df = _get(src, raw, "default", dict, p)
+    _check_keys(src, f"{p}default.", df, _SPACE_KEYS)
+    default = {
+        "lr": _get(src, df, "lr", float, f"{p}default."),
+        "batch_size": _get(src, df, "batch_size", int, f"{p}default."),
+        "dropout": _get(src, df, "dropout", float, f"{p}default."),
+    }
+    for k, v in default.items():
+        if not space.contains(k, v):
+            raise SpecError(
+                f"{src}: key '{p}default.{k}' = {v!r} lies outside the space {space.describe(k)}"
+            )
+
+    dargs = _get(src, raw, "dataset_args", dict, p, required=False) or {}
+    margs = _get(src, raw, "model_args", dict, p, required=False) or {}
+    from rlhpo.tasks.datasets import check_dataset_args
+    from rlhpo.tasks.models import check_model_args
+
+    check_dataset_args(dataset, dargs, f"{src}: key '{p}dataset_args'")
+    check_model_args(model, margs, f"{src}: key '{p}model_args'")
+    return TaskSpec(
+        name=name,
+        dataset=dataset,
+        model=model,
+        metric=metric,
+        budget_samples=budget,
+        intervals=intervals,
+        space=space,
+        start=start,
+        default=default,
+        dataset_args=dargs,
+        model_args=margs,
+        optimizer=optimizer,
+        data_seed=data_seed,
+        val_fraction=fractions["val_fraction"],
+        test_fraction=fractions["test_fraction"],
+        description=str(raw.get("description", "")),
+        source=src,
+    )

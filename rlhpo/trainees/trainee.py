@@ -1,0 +1,237 @@
+"""A training run that can be advanced by an interval, evaluated, snapshotted and
+restored, with learning rate, batch size and dropout changeable while it runs.
+
+Works with any ``nn.Module`` and in-memory tensors. Batches are drawn from a
+seeded permutation stream, so the batch size changes how many optimizer steps an
+interval takes, never how many samples it sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhpo.knobs import (
+    SearchSpace,
+    check_knob,
+    get_dropout,
+    get_learning_rate,
+    set_dropout,
+    set_learning_rate,
+)
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclass
+class IntervalStats:
+    """What one call to :meth:`Trainee.train` did."""
+
+    train_loss: float
+    samples: int
+    steps: int
+    seconds: float
+    diverged: bool
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"optimizer must be one of adam, adamw, sgd; got {name!r}")
+
+
+def score_of(metric: str, out: torch.Tensor, y: torch.Tensor) -> float:
+    """Raw metric, higher is better: accuracy in [0, 1] or R^2."""
+    if metric == "accuracy":
+        return float((out.argmax(-1) == y).float().mean())
+    if metric == "r2":
+        pred = out.squeeze(-1)
+        ss_res = float(((pred - y) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum()) + 1e-12
+        return 1.0 - ss_res / ss_tot
+    raise ValueError(f"metric must be accuracy or r2, got {metric!r}")
+
+
+class Trainee:
+    """A live training run over in-memory tensors.
+
+    Args:
+        model: any module; its dropout modules are the dropout knob.
+        data: train/val/test tensors (``rlhpo.tasks.datasets.TaskData`` or alike).
+        metric: ``"accuracy"`` (cross-entropy loss) or ``"r2"`` (MSE loss).
+        space: bounds every knob is clipped to.
+        hp: starting ``lr``, ``batch_size``, ``dropout``.
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
+        seed: seeds data order and dropout masks (the model is built by the caller).
+        scheduler: optional factory ``optimizer -> LR scheduler``, stepped every
+            optimizer step; the lr knob moves its level, keeping its shape.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        *,
+        metric: str,
+        space: SearchSpace,
+        hp: dict[str, Any],
+        optimizer: str = "adam",
+        seed: int = 0,
+        scheduler: SchedulerFactory | None = None,
+    ):
+        self.model = model
+        self.data = data
+        self.metric = metric
+        self.space = space
+        hp = space.clip_all(hp)
+        self.optimizer = make_optimizer(optimizer, model.parameters(), hp["lr"])
+        self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
+        self.batch_size = int(hp["batch_size"])
+        set_dropout(model, hp["dropout"])
+        self.loss_fn: Callable = nn.CrossEntropyLoss() if metric == "accuracy" else _mse
+        self._gen = torch.Generator().manual_seed(int(seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed) + 1)
+            self._torch_state = torch.random.get_rng_state()
+        self._perm = torch.randperm(data.n_train, generator=self._gen)
+        self._cursor = 0
+        self.samples_seen = 0
+        self.optimizer_steps = 0
+        self.wall_time = 0.0
+
+    # -- knobs -------------------------------------------------------------
+    @property
+    def hp(self) -> dict[str, Any]:
+        return {
+            "lr": get_learning_rate(self.optimizer),
+            "batch_size": self.batch_size,
+            "dropout": get_dropout(self.model),
+        }
+
+    def set_hp(self, **values: Any) -> dict[str, Any]:
+        """Apply knob values to the live run, clipped to the space. Returns the new hp."""
+        for k, v in values.items():
+            check_knob(k)
+            v = self.space.clip(k, v)
+            if k == "lr":
+                set_learning_rate(self.optimizer, v, self.scheduler)
+            elif k == "batch_size":
+                self.batch_size = int(v)
+            else:
+                set_dropout(self.model, v)
+        return self.hp
+
+    # -- training ----------------------------------------------------------
+    def _next_indices(self, n: int) -> torch.Tensor:
+        parts = []
+        while n > 0:
+            if self._cursor >= len(self._perm):
+                self._perm = torch.randperm(self.data.n_train, generator=self._gen)
+                self._cursor = 0
+            take = min(n, len(self._perm) - self._cursor)
+            parts.append(self._perm[self._cursor : self._cursor + take])
+            self._cursor += take
+            n -= take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def train(self, samples: int) -> IntervalStats:
+        """Train on exactly ``samples`` samples (the last batch may be partial).
+
+        Stops early and reports ``diverged`` on a non-finite loss.
+        """
+        t0 = time.perf_counter()
+        outer_state = torch.random.get_rng_state()
+        torch.random.set_rng_state(self._torch_state)
+        self.model.train()
+        x_all, y_all = self.data.x_train, self.data.y_train
+        total, done, steps, diverged = 0.0, 0, 0, False
+        try:
+            while done < samples:
+                b = min(self.batch_size, samples - done)
+                idx = self._next_indices(b)
+                loss = self.loss_fn(self.model(x_all[idx]), y_all[idx])
+                lv = loss.detach().item()
+                done += b
+                if not math.isfinite(lv):
+                    diverged = True
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                steps += 1
+                total += lv * b
+        finally:
+            self._torch_state = torch.random.get_rng_state()
+            torch.random.set_rng_state(outer_state)
+        dt = time.perf_counter() - t0
+        self.samples_seen += done
+        self.optimizer_steps += steps
+        self.wall_time += dt
+        mean = total / max(done, 1) if not diverged else float("nan")
+        return IntervalStats(
+            train_loss=mean, samples=done, steps=steps, seconds=dt, diverged=diverged
+        )
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        """Loss and raw metric on ``val`` (default) or, only when asked, ``test``."""
+        if split not in ("val", "test", "train"):
+            raise ValueError(f"split must be val, test or train; got {split!r}")
+        t0 = time.perf_counter()
+        x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model(x)
+        self.model.train(was_training)
+        loss = float(self.loss_fn(out, y))
+        score = score_of(self.metric, out, y) if torch.isfinite(out).all() else float("nan")
+        self.wall_time += time.perf_counter() - t0
+        return {"loss": loss, "score": score}
+
+    # -- rollback ----------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly from here."""
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "batch_size": self.batch_size,
+                "dropout": get_dropout(self.model),
+                "gen": self._gen.get_state(),
+                "torch_state": self._torch_state,
+                "perm": self._perm,
+                "cursor": self._cursor,
+            }
+        )
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Go back to a snapshot. Sample/step/time counters keep counting (work was done)."""
+        snap = copy.deepcopy(snap)
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        if self.scheduler is not None and snap["scheduler"] is not None:
+            self.scheduler.load_state_dict(snap["scheduler"])
+        self.batch_size = snap["batch_size"]
+        set_dropout(self.model, snap["dropout"])
+        self._gen.set_state(snap["gen"])
+        self._torch_state = snap["torch_state"]
+        self._perm = snap["perm"]
+        self._cursor = snap["cursor"]
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out.squeeze(-1), y)
