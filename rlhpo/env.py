@@ -130,6 +130,9 @@ class HPOEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = dict(options or {})
+        # Drawn first, so a given seed gives the same initialisation and data order
+        # whatever the task and start options (baselines use run_seed_for(seed)).
+        run_seed = int(self.np_random.integers(2**31 - 1))
         name = options.get("task")
         if name is None:
             name = self.task_names[int(self.np_random.integers(len(self.task_names)))]
@@ -139,7 +142,6 @@ class HPOEnv(gym.Env):
             )
         task = self.tasks[name]
         start = self._start_hp(task, options)
-        run_seed = int(self.np_random.integers(2**31 - 1))
         self.spec_task = task
         self.trainee = build_trainee(task, start, seed=run_seed)
         self.encoder = ObservationEncoder(task.space)
@@ -246,6 +248,15 @@ class HPOEnv(gym.Env):
         if self.trainee is None:
             raise RuntimeError("call reset() before test_score()")
         return self.trainee.evaluate("test")
+
+
+def run_seed_for(seed: int) -> int:
+    """The training-run seed (model init, data order, dropout masks) that
+    ``HPOEnv.reset(seed=seed)`` uses, so runs outside the env can match it."""
+    from gymnasium.utils import seeding
+
+    rng, _ = seeding.np_random(seed)
+    return int(rng.integers(2**31 - 1))
 
 
 def register_envs() -> None:
