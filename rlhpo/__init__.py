@@ -6,6 +6,7 @@ policy uses in training and in use alike.
 """
 
 from rlhpo.actions import ActionCodec
+from rlhpo.controller import Controller, Decision
 from rlhpo.env import ENV_ID, HPOEnv, register_envs
 from rlhpo.knobs import KNOBS, SearchSpace
 from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
@@ -20,6 +21,8 @@ __all__ = [
     "ENV_ID",
     "KNOBS",
     "ActionCodec",
+    "Controller",
+    "Decision",
     "HPOEnv",
     "MetricHistory",
     "ObservationEncoder",

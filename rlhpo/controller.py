@@ -1,0 +1,477 @@
+"""Apply a saved policy inside a training loop the user owns.
+
+The user reports metrics once per interval; the :class:`Controller` records them
+in a :class:`~rlhpo.observation.MetricHistory`, encodes them with the same
+:class:`~rlhpo.observation.ObservationEncoder` as the environment, asks the policy
+for an action, decodes it with the same :class:`~rlhpo.actions.ActionCodec`, and
+applies the new learning rate (optimizer and LR scheduler), dropout (every dropout
+module) and batch size (a batch sampler it provides, or a setter you give it).
+
+Independently of the policy, a non-finite or exploding loss rolls the run back to
+the last good interval and lowers the learning rate.
+
+    ctl = Controller.load("agents/policies/default", optimizer=opt, model=model,
+                          budget_samples=30 * len(train_set), n_classes=10)
+    loader = ctl.loader(train_set)            # its batch size follows the policy
+    ctl.start(val_loss=..., val_score=...)    # optional: the untrained model's evaluation
+    ...
+    decision = ctl.step(train_loss=..., val_loss=..., val_score=..., samples=seen)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhpo.actions import ActionCodec
+from rlhpo.knobs import (
+    KNOBS,
+    SearchSpace,
+    get_dropout,
+    get_learning_rate,
+    set_dropout,
+    set_learning_rate,
+)
+from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
+from rlhpo.policy import Policy, load_policy
+
+log = logging.getLogger("rlhpo.controller")
+
+BatchSizeSetter = Callable[[int], "int | None"]
+
+
+def default_space() -> SearchSpace:
+    """The search space of the default suite (the one shipped policies are trained on)."""
+    from rlhpo.tasks import load_suite
+
+    suite = load_suite("default")
+    return suite.task(suite.train[0]).space
+
+
+@dataclass
+class Decision:
+    """What the controller did at one interval boundary.
+
+    ``hp`` holds the hyperparameters in force from now on (log them). ``action`` is
+    the policy's raw action (None when the policy was not asked: budget spent, or
+    a rollback). ``rolled_back`` says the safety net restored the last good state.
+    """
+
+    hp: dict[str, Any]
+    interval: int
+    observation: np.ndarray | None = None
+    action: np.ndarray | None = None
+    rolled_back: bool = False
+    done: bool = False
+    events: tuple[str, ...] = ()
+
+    @property
+    def lr(self) -> float:
+        return float(self.hp["lr"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.hp["batch_size"])
+
+    @property
+    def dropout(self) -> float:
+        return float(self.hp["dropout"])
+
+    def as_log(self, prefix: str = "hp/") -> dict[str, float]:
+        """Flat numbers for a logger: ``hp/lr``, ``hp/batch_size``, ``hp/dropout``, ``hp/rollback``."""
+        out = {f"{prefix}{k}": float(self.hp[k]) for k in KNOBS}
+        out[f"{prefix}rollback"] = float(self.rolled_back)
+        return out
+
+
+@dataclass
+class _Snapshot:
+    hp: dict[str, Any]
+    interval: int
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Controller:
+    """Drives the hyperparameters of a run the user owns with a saved policy.
+
+    Args:
+        policy: a loaded :class:`~rlhpo.policy.Policy` (see :meth:`load`).
+        optimizer: the run's optimizer; its learning rate is the lr knob.
+        model: the run's model; its dropout modules are the dropout knob.
+        budget_samples: training samples the whole run will use (the policy sees
+            the fraction used so far).
+        space: bounds of the knobs (default: the default suite's space, which
+            shipped policies were trained on).
+        metric: ``"accuracy"`` or ``"r2"``; ``val_score`` is the raw metric.
+        n_classes: number of classes (accuracy only: chance-normalises the score).
+        scheduler: the run's LR scheduler, if any: an lr change scales its base
+            values so that it survives the scheduler's next step.
+        batch_size: the starting batch size (clipped to the space).
+        set_batch_size: optional ``f(batch_size) -> applied batch size or None``
+            for runs whose batches the controller's own loader does not draw.
+        deterministic: take the policy's most likely action (default) or sample.
+        freeze: knobs the policy may not change (default: the policy file's).
+        rollback: keep a copy of model and optimizer state at each good interval
+            and go back to it on divergence (off saves memory on large models).
+        explode_factor: a training loss above this x the reference loss (the
+            first evaluation's loss) counts as divergence, as in the environment.
+        lr_backoff: the learning rate is multiplied by this after a rollback.
+        apply: False computes decisions without changing anything (for measuring).
+        seed: seeds action sampling when ``deterministic`` is False.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        model: nn.Module | None = None,
+        budget_samples: int,
+        space: SearchSpace | None = None,
+        metric: str = "accuracy",
+        n_classes: int = 0,
+        scheduler: Any | None = None,
+        batch_size: int = 64,
+        set_batch_size: BatchSizeSetter | None = None,
+        deterministic: bool = True,
+        freeze: Iterable[str] | None = None,
+        rollback: bool = True,
+        explode_factor: float = 10.0,
+        lr_backoff: float = 0.25,
+        apply: bool = True,
+        seed: int = 0,
+    ):
+        if not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be an rlhpo.policy.Policy (use Controller.load(dir)), got {type(policy).__name__}"
+            )
+        if isinstance(budget_samples, bool) or not isinstance(budget_samples, (int, np.integer)):
+            raise ValueError(f"budget_samples must be a positive int, got {budget_samples!r}")
+        if budget_samples <= 0:
+            raise ValueError(f"budget_samples must be a positive int, got {budget_samples!r}")
+        if metric not in ("accuracy", "r2"):
+            raise ValueError(f"metric must be accuracy or r2, got {metric!r}")
+        if metric == "accuracy" and (not isinstance(n_classes, (int, np.integer)) or n_classes < 2):
+            raise ValueError(
+                f"metric 'accuracy' needs n_classes >= 2 (to normalise the score), got {n_classes!r}"
+            )
+        if not (math.isfinite(explode_factor) and explode_factor > 1):
+            raise ValueError(f"explode_factor must be a finite number > 1, got {explode_factor!r}")
+        if not (0 < lr_backoff < 1):
+            raise ValueError(f"lr_backoff must be in (0, 1), got {lr_backoff!r}")
+        self.policy = policy
+        self.optimizer = optimizer
+        self.model = model
+        self.scheduler = scheduler
+        self.budget_samples = int(budget_samples)
+        self.space = space if space is not None else default_space()
+        self.metric = metric
+        self.n_classes = int(n_classes)
+        self.freeze = tuple(policy.freeze if freeze is None else freeze)
+        # The very objects the environment uses: one encoder, one codec.
+        self.encoder = ObservationEncoder(self.space)
+        self.codec = ActionCodec(self.space, freeze=self.freeze)
+        self.deterministic = bool(deterministic)
+        self.rollback = bool(rollback)
+        self.explode_factor = float(explode_factor)
+        self.lr_backoff = float(lr_backoff)
+        self.apply = bool(apply)
+        self._set_batch_size = set_batch_size
+        self._generator = torch.Generator().manual_seed(int(seed))
+        self.history = MetricHistory()
+        self.events: list[str] = []
+        self.interval = 0
+        self.samples = 0
+        self._ref_loss: float | None = None
+        self._started = False
+        self.done = False
+        hp = {
+            "lr": get_learning_rate(optimizer) if optimizer is not None else self.space.lr[0],
+            "batch_size": batch_size,
+            "dropout": get_dropout(model) if model is not None else self.space.dropout[0],
+        }
+        clipped = self.space.clip_all(hp)
+        if clipped != hp:
+            log.info("rlhpo controller: starting hyperparameters %s clipped to %s", hp, clipped)
+        self.hp: dict[str, Any] = {}
+        self._apply_hp(clipped)
+        self._good = self._snapshot()
+
+    # -- construction ----------------------------------------------------
+    @classmethod
+    def load(cls, policy_dir: str | os.PathLike[str], **kwargs: Any) -> Controller:
+        """Load a policy directory (safetensors + manifest) and build a controller on it."""
+        return cls(load_policy(policy_dir), **kwargs)
+
+    @classmethod
+    def for_trainee(
+        cls, policy: Policy, trainee: Any, budget_samples: int, **kwargs: Any
+    ) -> Controller:
+        """A controller wired to an :class:`rlhpo.trainees.Trainee` (what ``rlhpo apply`` runs)."""
+
+        def set_bs(b: int) -> int:
+            trainee.batch_size = int(b)
+            return trainee.batch_size
+
+        kwargs.setdefault("metric", trainee.metric)
+        kwargs.setdefault("space", trainee.space)
+        kwargs.setdefault("n_classes", trainee.data.n_classes)
+        return cls(
+            policy,
+            optimizer=trainee.optimizer,
+            model=trainee.model,
+            scheduler=trainee.scheduler,
+            budget_samples=budget_samples,
+            batch_size=trainee.batch_size,
+            set_batch_size=set_bs,
+            **kwargs,
+        )
+
+    # -- batches -----------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return int(self.hp["batch_size"])
+
+    def batch_sampler(
+        self, data: int | Sized, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+    ) -> ControlledBatchSampler:
+        """A batch sampler over ``data`` (a dataset or its length) whose batch size
+        is this controller's at the moment each batch is drawn."""
+        n = data if isinstance(data, int) else len(data)
+        return ControlledBatchSampler(self, n, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+    def loader(
+        self, dataset: Any, shuffle: bool = True, seed: int = 0, **loader_kwargs: Any
+    ) -> torch.utils.data.DataLoader:
+        """A ``DataLoader`` whose batch size follows the controller.
+
+        With ``num_workers > 0`` the loader draws a few batches ahead, so a new
+        batch size takes effect that many batches later.
+        """
+        for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if bad in loader_kwargs:
+                raise ValueError(
+                    f"loader() sets {bad!r} itself (the batch size follows the controller); got {bad}={loader_kwargs[bad]!r}"
+                )
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.batch_sampler(dataset, shuffle, seed), **loader_kwargs
+        )
+
+    # -- the protocol ------------------------------------------------------
+    def start(self, *, val_loss: float, val_score: float) -> Decision:
+        """Record the untrained model's evaluation and apply the policy's first decision.
+
+        Optional, but the environment starts this way, so with it the policy's
+        observations match what it saw in training exactly.
+        """
+        if self._started or self.history.records:
+            raise RuntimeError("start() must come first and only once")
+        self._started = True
+        self._refresh_lr()
+        self._ref_loss = float(val_loss) if math.isfinite(val_loss) else None
+        self.history.record(
+            val_loss=val_loss,
+            val_score=self._norm(val_score),
+            train_loss=None,
+            hp=self.hp,
+            budget_fraction=min(self.samples / self.budget_samples, 1.0),
+        )
+        return self._decide()
+
+    def step(
+        self,
+        *,
+        train_loss: float | None,
+        val_loss: float,
+        val_score: float,
+        samples: int,
+    ) -> Decision:
+        """Report the interval just trained and get the hyperparameters for the next one.
+
+        Args:
+            train_loss: mean training loss over the interval (None if unknown).
+            val_loss: validation loss now.
+            val_score: the raw validation metric now (accuracy in [0, 1], or R^2).
+            samples: training samples processed since the start of the run (cumulative).
+        """
+        if self.done:
+            raise RuntimeError(
+                f"the budget of {self.budget_samples} samples is spent (samples={self.samples}); "
+                "the run is over"
+            )
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)):
+            raise ValueError(f"samples must be a cumulative int count, got {samples!r}")
+        if samples < self.samples:
+            raise ValueError(
+                f"samples is cumulative and cannot go down: got {samples} after {self.samples}"
+            )
+        self.samples = int(samples)
+        self.interval += 1
+        self._refresh_lr()
+        reason = self._divergence(train_loss, val_loss)
+        if reason is not None:
+            return self._roll_back(reason)
+        if self._ref_loss is None:
+            # No start(): the first report is the reference, as the env's first evaluation is.
+            self._ref_loss = float(val_loss)
+        self.history.record(
+            val_loss=val_loss,
+            val_score=self._norm(val_score),
+            train_loss=train_loss,
+            hp=self.hp,
+            budget_fraction=min(self.samples / self.budget_samples, 1.0),
+        )
+        if self.rollback:
+            self._good = self._snapshot()
+        if self.samples >= self.budget_samples:
+            self.done = True
+            obs = self.encoder.encode(self.history)
+            return Decision(dict(self.hp), self.interval, observation=obs, done=True)
+        return self._decide()
+
+    @property
+    def observation(self) -> np.ndarray:
+        """The observation the policy would see now."""
+        return self.encoder.encode(self.history)
+
+    # -- internals ---------------------------------------------------------
+    def _norm(self, raw: float) -> float:
+        return normalised_score(self.metric, raw, self.n_classes)
+
+    def _decide(self) -> Decision:
+        obs = self.encoder.encode(self.history)
+        action = self.policy.net.act(
+            obs, deterministic=self.deterministic, generator=self._generator
+        )
+        new = self.codec.decode(action, self.hp)
+        if self.apply:
+            self._apply_hp(new)
+        return Decision(dict(self.hp), self.interval, observation=obs, action=action)
+
+    def _apply_hp(self, hp: dict[str, Any]) -> None:
+        if self.optimizer is not None and self.apply:
+            set_learning_rate(self.optimizer, float(hp["lr"]), self.scheduler)
+        if self.model is not None and self.apply:
+            set_dropout(self.model, float(hp["dropout"]))
+        bs = int(hp["batch_size"])
+        if self._set_batch_size is not None and self.apply:
+            got = self._set_batch_size(bs)
+            bs = int(got) if got is not None else bs
+        self.hp = {"lr": float(hp["lr"]), "batch_size": bs, "dropout": float(hp["dropout"])}
+
+    def _refresh_lr(self) -> None:
+        # A scheduler moves the lr between decisions; the policy sees the lr in force,
+        # as the environment's trainee reports it.
+        if self.optimizer is not None and self.apply:
+            self.hp["lr"] = float(self.space.clip("lr", get_learning_rate(self.optimizer)))
+
+    def _divergence(self, train_loss: float | None, val_loss: float) -> str | None:
+        if train_loss is not None and not math.isfinite(train_loss):
+            return f"training loss is {train_loss}"
+        if val_loss is None or not math.isfinite(val_loss):
+            return f"validation loss is {val_loss}"
+        ref = self._ref_loss
+        if ref is not None and train_loss is not None:
+            if train_loss > self.explode_factor * max(ref, 1e-8):
+                return (
+                    f"training loss {train_loss:.4g} > {self.explode_factor:g} x the reference "
+                    f"loss {ref:.4g}"
+                )
+        return None
+
+    def _snapshot(self) -> _Snapshot:
+        snap = _Snapshot(hp=dict(self.hp), interval=self.interval)
+        if self.rollback:
+            if self.model is not None:
+                snap.model = copy.deepcopy(self.model.state_dict())
+            if self.optimizer is not None:
+                snap.optimizer = copy.deepcopy(self.optimizer.state_dict())
+            if self.scheduler is not None and hasattr(self.scheduler, "state_dict"):
+                snap.scheduler = copy.deepcopy(self.scheduler.state_dict())
+        return snap
+
+    def _roll_back(self, reason: str) -> Decision:
+        good = self._good
+        restored = []
+        if self.apply and good.model is not None and self.model is not None:
+            self.model.load_state_dict(good.model)
+            restored.append("model")
+        if self.apply and good.optimizer is not None and self.optimizer is not None:
+            # A copy: load_state_dict keeps the given tensors when dtype and device
+            # match, and the next optimizer step would change the snapshot in place.
+            self.optimizer.load_state_dict(copy.deepcopy(good.optimizer))
+            restored.append("optimizer")
+        if self.apply and good.scheduler is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(copy.deepcopy(good.scheduler))
+            restored.append("scheduler")
+        old_lr = min(self.hp["lr"], good.hp["lr"])
+        new_lr = float(self.space.clip("lr", old_lr * self.lr_backoff))
+        self._apply_hp({**good.hp, "lr": new_lr})
+        what = (
+            f"restored {', '.join(restored)} of interval {good.interval}"
+            if restored
+            else "nothing to restore (no model/optimizer given or rollback off)"
+        )
+        msg = (
+            f"rlhpo controller: divergence at interval {self.interval} ({reason}); {what}; "
+            f"lr {old_lr:.3g} -> {new_lr:.3g}"
+        )
+        log.warning(msg)
+        self.events.append(msg)
+        return Decision(dict(self.hp), self.interval, rolled_back=True, events=(msg,))
+
+
+class ControlledBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields index batches of the controller's current batch size.
+
+    Each pass is a seeded permutation (or ``0..n-1``); the batch size is read when
+    each batch is formed, so a change applies from the next batch on.
+    """
+
+    def __init__(
+        self,
+        controller: Controller,
+        n: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        if n <= 0:
+            raise ValueError(f"the dataset must hold at least one sample, got n={n}")
+        self.controller, self.n, self.shuffle, self.drop_last = (
+            controller,
+            int(n),
+            shuffle,
+            drop_last,
+        )
+        self._gen = torch.Generator().manual_seed(int(seed))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = (
+            torch.randperm(self.n, generator=self._gen) if self.shuffle else torch.arange(self.n)
+        )
+        i = 0
+        while i < self.n:
+            b = self.controller.batch_size
+            idx = order[i : i + b]
+            i += b
+            if self.drop_last and len(idx) < b:
+                return
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        """Batches per pass at the current batch size (changes when it changes)."""
+        b = self.controller.batch_size
+        return self.n // b if self.drop_last else math.ceil(self.n / b)

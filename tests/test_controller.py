@@ -1,0 +1,243 @@
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rlhpo.actions import ActionCodec
+from rlhpo.controller import Controller
+from rlhpo.env import HPOEnv, run_seed_for
+from rlhpo.knobs import SearchSpace, get_dropout, get_learning_rate
+from rlhpo.policy import PolicyNet, load_policy, save_policy
+from rlhpo.trainees import build_trainee
+
+
+def random_policy(path, seed=0, gain=8.0):
+    """A randomly initialised policy; ``gain`` scales its output so that its
+    argmax actions vary with the observation (not one action everywhere)."""
+    torch.manual_seed(seed)
+    net = PolicyNet()
+    with torch.no_grad():
+        net.action_net.weight.mul_(gain)
+    return save_policy(path, net, suite="default", agent="test-random")
+
+
+def forced_policy(path, lr=3, batch=2, dropout=2):
+    """A policy that always takes one action (by default lr x2, batch up, dropout +0.1)."""
+    net = PolicyNet()
+    with torch.no_grad():
+        net.action_net.weight.zero_()
+        bias = torch.full((sum(ActionCodec.NVEC),), -10.0)
+        off = np.cumsum((0,) + ActionCodec.NVEC[:-1])
+        for o, i in zip(off, (lr, batch, dropout), strict=True):
+            bias[o + i] = 10.0
+        net.action_net.bias.copy_(bias)
+    return save_policy(path, net, suite="default", agent="test-forced")
+
+
+@pytest.mark.parametrize(
+    "task,seed", [("digits-mlp", 3), ("friedman-mlp", 1), ("seq-transformer", 2)]
+)
+def test_controller_observations_equal_env(tmp_path, task, seed):
+    policy = load_policy(random_policy(tmp_path / "pol", seed=seed))
+    env = HPOEnv("default", split="all", tasks=[task], budget_scale=0.05)
+    spec = env.tasks[task]
+    obs, info = env.reset(seed=seed, options={"task": task, "start": "default"})
+
+    tr = build_trainee(spec, spec.default, seed=run_seed_for(seed))
+    ctl = Controller.for_trainee(policy, tr, budget_samples=spec.budget_samples)
+    ev = tr.evaluate()
+    d = ctl.start(val_loss=ev["loss"], val_score=ev["score"])
+    np.testing.assert_array_equal(d.observation, obs)
+
+    hps, done = set(), False
+    while not done:
+        action = policy.act(obs)
+        np.testing.assert_array_equal(d.action, action)
+        obs, _, term, trunc, info = env.step(action)
+        done = term or trunc
+        assert not info["diverged"]
+        st = tr.train(min(spec.interval_samples, spec.budget_samples - tr.samples_seen))
+        ev = tr.evaluate()
+        d = ctl.step(
+            train_loss=st.train_loss,
+            val_loss=ev["loss"],
+            val_score=ev["score"],
+            samples=tr.samples_seen,
+        )
+        np.testing.assert_allclose(d.observation, obs, rtol=0, atol=1e-6)
+        assert ctl.history.last.hp == info["hp"]  # the hp the interval was trained with
+        hps.add(tuple(info["hp"].values()))
+    assert d.done and ctl.done and tr.samples_seen == spec.budget_samples
+    assert len(hps) >= 3, "the policy must actually change hyperparameters for this test to bite"
+
+
+def _small_run(tmp_path, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ctl = Controller.load(
+        forced_policy(tmp_path / "pol"),
+        optimizer=opt,
+        model=model,
+        budget_samples=1000,
+        n_classes=3,
+        **kw,
+    )
+    return model, opt, ctl
+
+
+def _train_a_bit(model, opt, steps=3):
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_applies_lr_dropout_and_batch_size(tmp_path):
+    model, opt, ctl = _small_run(tmp_path)
+    loader = ctl.loader(torch.utils.data.TensorDataset(torch.arange(300)), shuffle=True)
+    assert [len(b[0]) for b in loader] == [64] * 4 + [44]
+    d = ctl.start(val_loss=1.1, val_score=0.3)
+    assert d.hp == {"lr": 2e-3, "batch_size": 128, "dropout": pytest.approx(0.2)}
+    assert get_learning_rate(opt) == 2e-3
+    assert all(m.p == pytest.approx(0.2) for m in model.modules() if isinstance(m, nn.Dropout))
+    sizes = [len(b[0]) for b in loader]
+    assert sizes == [128, 128, 44]
+    assert sorted(torch.cat([b[0] for b in loader]).tolist()) == list(range(300))
+    d = ctl.step(train_loss=1.0, val_loss=1.0, val_score=0.4, samples=300)
+    assert d.hp == {"lr": 4e-3, "batch_size": 256, "dropout": pytest.approx(0.3)}
+    assert d.as_log()["hp/batch_size"] == 256.0 and d.as_log()["hp/rollback"] == 0.0
+
+
+def test_batch_size_changes_mid_pass(tmp_path):
+    _, _, ctl = _small_run(tmp_path)
+    it = iter(ctl.batch_sampler(500, shuffle=False))
+    assert len(next(it)) == 64
+    ctl.start(val_loss=1.1, val_score=0.3)
+    assert next(it) == list(range(64, 192))
+
+
+def test_lr_change_survives_scheduler(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    ctl = Controller.load(
+        forced_policy(tmp_path / "pol"),
+        optimizer=opt,
+        model=model,
+        scheduler=sched,
+        budget_samples=1000,
+        n_classes=3,
+    )
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert get_learning_rate(opt) == pytest.approx(0.01 / 4)
+    d = ctl.start(val_loss=1.1, val_score=0.3)  # lr x2 from the lr in force
+    assert d.lr == pytest.approx(0.005)
+    opt.step()
+    sched.step()
+    assert get_learning_rate(opt) == pytest.approx(0.02 / 5)  # base doubled, shape kept
+
+
+def test_nan_loss_rolls_back_and_lowers_lr(tmp_path, caplog):
+    model, opt, ctl = _small_run(tmp_path, freeze=("lr",))
+    ctl.start(val_loss=1.1, val_score=0.3)
+    _train_a_bit(model, opt)
+    ctl.step(train_loss=1.0, val_loss=1.0, val_score=0.4, samples=100)
+    good_params = [p.detach().clone() for p in model.parameters()]
+    good_opt_steps = opt.state_dict()["state"][0]["step"].item()
+    good_hp = dict(ctl.history.last.hp)  # the hp the good interval was trained with
+    _train_a_bit(model, opt)
+    assert not torch.equal(next(model.parameters()), good_params[0])
+
+    losses = [float("nan"), 50.0, float("inf")]  # NaN, exploding (> 10 x 1.1), inf
+    lr = good_hp["lr"]
+    for i, loss in enumerate(losses):
+        with caplog.at_level(logging.WARNING, logger="rlhpo.controller"):
+            d = ctl.step(train_loss=loss, val_loss=1.0, val_score=0.4, samples=200 + 100 * i)
+        lr *= 0.25
+        assert d.rolled_back and d.action is None
+        assert d.lr == pytest.approx(lr) and get_learning_rate(opt) == pytest.approx(lr)
+        assert d.batch_size == good_hp["batch_size"]
+        assert get_dropout(model) == pytest.approx(good_hp["dropout"])
+        for p, g in zip(model.parameters(), good_params, strict=True):
+            assert torch.equal(p, g)
+        assert opt.state_dict()["state"][0]["step"].item() == good_opt_steps
+        assert "restored model, optimizer of interval 1" in d.events[0]
+        assert "divergence" in caplog.text
+        _train_a_bit(model, opt)
+    assert len(ctl.events) == 3 and len(ctl.history) == 2  # bad intervals are not recorded
+    d = ctl.step(train_loss=0.9, val_loss=0.9, val_score=0.5, samples=600)
+    assert not d.rolled_back and d.action is not None
+
+
+def test_nan_without_model_lowers_lr_and_says_so(tmp_path):
+    ctl = Controller.load(
+        forced_policy(tmp_path / "pol", lr=2),
+        budget_samples=1000,
+        metric="r2",
+        batch_size=32,
+    )
+    ctl.hp["lr"] = 1e-2
+    d = ctl.step(train_loss=1.0, val_loss=1.0, val_score=0.1, samples=50)  # no start()
+    assert not d.rolled_back and d.hp["batch_size"] == 64
+    d = ctl.step(train_loss=math.nan, val_loss=1.0, val_score=0.1, samples=100)
+    assert d.rolled_back and d.lr == pytest.approx(2.5e-3)
+    assert "nothing to restore" in d.events[0]
+
+
+def test_dry_run_keeps_hyperparameters(tmp_path):
+    model, opt, ctl = _small_run(tmp_path, apply=False)
+    d = ctl.start(val_loss=1.1, val_score=0.3)
+    assert d.action.tolist() == [3, 2, 2]
+    assert d.hp == {"lr": 1e-3, "batch_size": 64, "dropout": pytest.approx(0.1)}
+    assert get_learning_rate(opt) == 1e-3 and get_dropout(model) == pytest.approx(0.1)
+
+
+def test_budget_end_and_bad_input(tmp_path):
+    _, _, ctl = _small_run(tmp_path)
+    ctl.start(val_loss=1.1, val_score=0.3)
+    with pytest.raises(ValueError, match="start\\(\\) must come first|cumulative"):
+        ctl.step(train_loss=1.0, val_loss=1.0, val_score=0.4, samples=-5)
+    d = ctl.step(train_loss=1.0, val_loss=1.0, val_score=0.4, samples=1000)
+    assert d.done and d.action is None
+    with pytest.raises(RuntimeError, match="budget of 1000 samples is spent"):
+        ctl.step(train_loss=1.0, val_loss=1.0, val_score=0.4, samples=1000)
+    with pytest.raises(RuntimeError, match="start\\(\\) must come first"):
+        ctl.start(val_loss=1.0, val_score=0.1)
+    pol = load_policy(forced_policy(tmp_path / "p2"))
+    with pytest.raises(ValueError, match="needs n_classes >= 2.*got 0"):
+        Controller(pol, budget_samples=100)
+    with pytest.raises(ValueError, match="budget_samples must be a positive int, got 0"):
+        Controller(pol, budget_samples=0, n_classes=3)
+    with pytest.raises(ValueError, match="metric must be accuracy or r2, got 'f1'"):
+        Controller(pol, budget_samples=10, metric="f1")
+    with pytest.raises(ValueError, match="loader\\(\\) sets 'batch_size' itself"):
+        Controller(pol, budget_samples=10, metric="r2").loader([1, 2, 3], batch_size=4)
+
+
+def test_space_and_freeze(tmp_path):
+    pol = load_policy(forced_policy(tmp_path / "pol"))
+    space = SearchSpace(lr=(1e-4, 1e-2), batch_sizes=(8, 16), dropout=(0.0, 0.15))
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ctl = Controller(
+        pol,
+        optimizer=opt,
+        model=model,
+        budget_samples=100,
+        metric="r2",
+        space=space,
+        batch_size=64,
+        freeze=("batch_size",),
+    )
+    assert ctl.hp == {"lr": 1e-2, "batch_size": 16, "dropout": 0.15}  # clipped on entry
+    assert get_learning_rate(opt) == 1e-2
+    d = ctl.start(val_loss=1.0, val_score=0.0)
+    assert d.hp == {"lr": 1e-2, "batch_size": 16, "dropout": 0.15}  # clipped, batch frozen
