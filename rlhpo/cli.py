@@ -180,6 +180,109 @@ def demo() -> None:
     show_episode(env, "mnist1d-cnn", seed=1, policy="random", start="random")
 
 
+@app.command()
+def train(
+    out: Annotated[str, typer.Option(help="Run directory: log, checkpoint, W&B run, policy/.")],
+    agent: Annotated[str, typer.Option(help="ppo or reinforce.")] = "ppo",
+    suite: Annotated[str, typer.Option(help="Suite name under envs/ or path to a TOML file.")] = (
+        "default"
+    ),
+    timesteps: Annotated[int, typer.Option(help="Env steps in all (20 per episode).")] = 20000,
+    seed: Annotated[int, typer.Option(help="Seed of the agent and the envs.")] = 0,
+    n_envs: Annotated[
+        int | None, typer.Option(help="Parallel envs (PPO; default from the recipe).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from DIR's last checkpoint.")] = False,
+    no_wandb: Annotated[
+        bool, typer.Option("--no-wandb", help="Log only to DIR/log.jsonl.")
+    ] = False,
+    recipe: Annotated[
+        str | None, typer.Option(help="Recipe TOML (default agents/<agent>.toml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe field: key=value (repeatable)."),
+    ] = None,
+) -> None:
+    """Train a tuning policy on a suite's train split; the policy lands in DIR/policy."""
+    from pathlib import Path
+
+    from rlhpo.agents import AGENTS, load_settings
+    from rlhpo.agents import train as train_agent
+    from rlhpo.agents.checkpoint import CHECKPOINT, CheckpointError
+    from rlhpo.tasks import SpecError
+
+    if agent not in AGENTS:
+        _fail(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
+    overrides = list(set_ or [])
+    if n_envs is not None:
+        overrides.append(f"n_envs={n_envs}")
+    if (Path(out) / CHECKPOINT).exists() and not resume:
+        _fail(
+            f"{out} already holds a training run ({CHECKPOINT}); pass --resume to continue it "
+            "or choose another --out"
+        )
+    try:
+        settings = load_settings(agent, recipe, overrides)
+        info = train_agent(
+            agent,
+            settings,
+            out,
+            timesteps=timesteps,
+            seed=seed,
+            suite=suite,
+            resume=resume,
+            use_wandb=not no_wandb,
+            console=console,
+            command=" ".join(["rlhpo", *sys.argv[1:]]),
+        )
+    except (ValueError, SpecError, CheckpointError) as e:
+        _fail(str(e))
+    console.print(
+        f"[green]policy saved[/green] to {Path(out) / 'policy'}: {info['timesteps']} timesteps, "
+        f"{info['episodes']} episodes, {info['train_wall_time_s']:.0f} s, "
+        f"mean return (last {info['mean_over_episodes']}) {info['mean_return']:+.3f}",
+        highlight=False,
+    )
+
+
+policy_app = typer.Typer(no_args_is_help=True, help="Inspect policy files.")
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("info")
+def policy_info(
+    path: Annotated[str, typer.Argument(help="Policy directory (manifest.json + weights).")],
+) -> None:
+    """Print a policy's manifest and check its weights against it (shapes, dtypes)."""
+    from rlhpo.policy import PolicyFileError, load_policy
+
+    try:
+        pol = load_policy(path)
+    except PolicyFileError as e:
+        # One line, never wrapped, so scripts can grep it.
+        msg = str(e).replace("\n", " ")
+        console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    m = pol.manifest
+    table = Table(title=f"policy {path}", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    skip = {"tensors", "recipe"}
+    for k, v in m.items():
+        if k in skip:
+            continue
+        table.add_row(k, v if isinstance(v, str) else json.dumps(v))
+    console.print(table)
+    if isinstance(m.get("recipe"), dict):
+        console.print("recipe: " + json.dumps(m["recipe"]), highlight=False)
+    n = sum(t.numel() for t in pol.net.state_dict().values())
+    console.print(
+        f"[green]weights OK[/green]: {len(m['tensors'])} tensors, {n} values, match the manifest",
+        highlight=False,
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,46 @@
+"""Agents that learn a tuning policy on ``rlhpo/HPO-v0``: PPO (stable-baselines3) and
+REINFORCE (own, one readable module). Both checkpoint without pickle, resume, log to
+W&B + JSONL, and save a :mod:`rlhpo.policy` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+AGENTS = ("ppo", "reinforce")
+
+
+def settings_class(agent: str) -> type:
+    """The settings dataclass of ``agent``."""
+    if agent == "ppo":
+        from rlhpo.agents.ppo import PPOSettings
+
+        return PPOSettings
+    if agent == "reinforce":
+        from rlhpo.agents.reinforce import ReinforceSettings
+
+        return ReinforceSettings
+    raise ValueError(f"agent must be one of {AGENTS}, got {agent!r}")
+
+
+def load_settings(agent: str, recipe: str | None = None, overrides: list[str] = ()) -> Any:
+    """Settings from ``agents/<agent>.toml`` (or ``recipe``) plus ``key=value`` overrides."""
+    from rlhpo.agents.recipe import load_recipe
+
+    return load_recipe(settings_class(agent), agent, recipe, list(overrides))
+
+
+def train(agent: str, settings: Any, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Train ``agent``; ``kwargs`` as :func:`rlhpo.agents.ppo.train_ppo`."""
+    if agent == "ppo":
+        from rlhpo.agents.ppo import train_ppo
+
+        return train_ppo(settings, out, **kwargs)
+    if agent == "reinforce":
+        from rlhpo.agents.reinforce import train_reinforce
+
+        return train_reinforce(settings, out, **kwargs)
+    raise ValueError(f"agent must be one of {AGENTS}, got {agent!r}")
+
+
+__all__ = ["AGENTS", "load_settings", "settings_class", "train"]

@@ -1,0 +1,258 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rlhpo.agents import load_settings
+from rlhpo.agents.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    flatten_optimizer_state,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_optimizer_state,
+)
+from rlhpo.agents.ppo import PPOSettings, export_policy, train_ppo
+from rlhpo.agents.reinforce import ReinforceSettings, train_reinforce
+from rlhpo.cli import app
+from rlhpo.policy import load_policy
+
+TINY = {"tasks": ("wine-mlp", "digits-mlp"), "budget_scale": 0.02}
+TINY_SET = ["--set", "budget_scale=0.02", "--set", 'tasks=["wine-mlp","digits-mlp"]']
+
+
+def tiny_ppo(**kw) -> PPOSettings:
+    base = dict(TINY, n_envs=2, vec_env="dummy", n_steps=20, batch_size=20, n_epochs=2)
+    return PPOSettings(**{**base, **kw})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_exported_policy_acts_like_sb3(tmp_path):
+    from stable_baselines3 import PPO
+
+    from rlhpo.agents.envs import make_vec_env
+    from rlhpo.agents.ppo import _build_model, normalize
+
+    s = tiny_ppo()
+    venv = normalize(make_vec_env(n_envs=2, seed=0, vec_env="dummy", **TINY), s)
+    model = _build_model(s, venv, seed=0)
+    assert isinstance(model, PPO)
+    model.learn(80)  # moves the weights and the VecNormalize statistics off their init
+    assert not np.allclose(venv.obs_rms.mean, 0)
+    obs = np.stack([venv.get_original_obs()] + [venv.unnormalize_obs(venv.reset())])
+    obs = np.concatenate(
+        [obs.reshape(-1, 16), np.random.default_rng(0).normal(0, 0.5, (200, 16))]
+    ).astype(np.float32)
+    net = export_policy(model, venv)
+    want, _ = model.predict(venv.normalize_obs(obs), deterministic=True)
+    np.testing.assert_array_equal(net.act(obs), want)
+    # and through a policy file
+    from rlhpo.policy import save_policy
+
+    pol = load_policy(save_policy(tmp_path / "p", net, agent="ppo"))
+    np.testing.assert_array_equal(pol.act(obs), want)
+
+
+def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    info = train_ppo(tiny_ppo(), out, timesteps=80, seed=0, show_progress=False)
+    pol = load_policy(out / "policy")
+    m = pol.manifest
+    assert m["agent"] == "ppo" and m["suite"] == "default" and m["split"] == "train"
+    assert m["timesteps"] == info["timesteps"] >= 80 and m["seed"] == 0
+    assert m["env"] == {"compute_penalty": 0.1, "budget_scale": 0.02, "freeze": []}
+    assert m["train_wall_time_s"] > 0 and np.isfinite(m["mean_return"])
+    assert m["recipe"]["n_steps"] == 20 and "compute is charged" in m["compute_charge"]
+    recs = read_jsonl(out / "log.jsonl")
+    keys = set().union(*recs)
+    need = {
+        "agent/episode_return",
+        "agent/entropy",
+        "agent/policy_loss",
+        "agent/value_loss",
+        "agent/fps",
+        "hp/lr",
+        "hp/batch_size",
+        "hp/dropout",
+        "val/norm_score",
+        "val/loss",
+        "train/loss",
+        "train/steps_ratio",
+    }
+    assert need <= keys
+    ep = next(r for r in recs if "hp/lr" in r)
+    assert len(ep["trace"]["lr"]) == ep["agent/episode_length"]
+    assert recs[0]["config"]["learning_rate"] == 3e-4
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    wandb_file = next(runs[0].glob("*.wandb"))
+    blob = wandb_file.read_bytes()  # protobuf records: metric names are stored as strings
+    for k in ("hp/lr", "hp/batch_size", "val/norm_score", "train/loss", "agent/entropy"):
+        assert k.encode() in blob, k
+
+
+def test_no_wandb_writes_only_jsonl(tmp_path):
+    out = tmp_path / "run"
+    train_ppo(tiny_ppo(), out, timesteps=40, seed=1, use_wandb=False, show_progress=False)
+    assert (out / "log.jsonl").is_file() and not (out / "wandb").exists()
+
+
+def test_reinforce_learns_a_policy_file(tmp_path):
+    torch.manual_seed(0)
+    s = ReinforceSettings(**TINY, episodes_per_batch=2, checkpoint_every_s=0)
+    info = train_reinforce(s, tmp_path / "rf", timesteps=80, use_wandb=False, show_progress=False)
+    pol = load_policy(tmp_path / "rf" / "policy")
+    assert pol.manifest["agent"] == "reinforce" and info["timesteps"] >= 80
+    obs = np.zeros((3, 16), dtype=np.float32)
+    assert pol.act(obs).shape == (3, 3)
+    tensors, meta = load_checkpoint(tmp_path / "rf")
+    assert meta["updates"] >= 2 and set(meta["baseline"]) <= set(TINY["tasks"])
+    assert any(k.startswith("optim/state/") for k in tensors)
+    recs = read_jsonl(tmp_path / "rf" / "log.jsonl")
+    assert {"agent/entropy", "agent/policy_loss", "hp/lr", "val/norm_score"} <= set().union(*recs)
+
+
+def test_checkpoint_roundtrip_optimizer_and_rng(tmp_path):
+    torch.manual_seed(3)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    t, m = flatten_optimizer_state(opt.state_dict(), "optim")
+    rt, rm = rng_state()
+    save_checkpoint(tmp_path, {**t, **rt}, {"optimizer": m, "rng": rm, "timesteps": 7})
+    assert not list(tmp_path.glob("*.tmp"))
+    expect_torch, expect_np = torch.rand(3), np.random.rand(3)
+    tensors, meta = load_checkpoint(tmp_path)
+    opt2 = torch.optim.Adam(torch.nn.Linear(4, 2).parameters(), lr=1.0)
+    opt2.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"], "optim"))
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"] == 1e-2
+    for pid in a["state"]:
+        for k, v in a["state"][pid].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][pid][k]))
+    set_rng_state(tensors, meta["rng"])
+    assert torch.equal(torch.rand(3), expect_torch)
+    np.testing.assert_array_equal(np.random.rand(3), expect_np)
+    assert meta["timesteps"] == 7
+    # not pickle, and a truncated checkpoint is a clear error
+    assert (tmp_path / CHECKPOINT).read_bytes()[:2] not in (b"PK", b"\x80\x04")
+    data = (tmp_path / CHECKPOINT).read_bytes()
+    (tmp_path / CHECKPOINT).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def _cli_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
+def test_kill_then_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rlhpo.cli", "train", "--out", str(out), "--no-wandb"]
+    small = ["--set", "vec_env=dummy", "--set", "n_steps=20", "--set", "batch_size=20"]
+    small += ["--set", "n_epochs=1", "--set", "checkpoint_every_s=0", *TINY_SET]
+    proc = subprocess.Popen(
+        [*cmd, "--timesteps", "1000000", *small],
+        env=_cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        ckpt_ts = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = out / "log.jsonl"
+            if log.exists():
+                done = [r for r in read_jsonl(log) if r.get("event") == "checkpoint"]
+                if len(done) >= 2:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, meta = load_checkpoint(out)
+    ckpt_ts = meta["timesteps"]
+    assert ckpt_ts > 0
+    target = ckpt_ts + 80
+    r = subprocess.run(
+        [*cmd, "--timesteps", str(target), "--resume"],
+        env=_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = read_jsonl(out / "log.jsonl")
+    resumed = [x for x in recs if x.get("event") == "resume"]
+    assert len(resumed) == 1 and resumed[0]["timesteps"] == ckpt_ts > 0
+    after = recs[recs.index(resumed[0]) :]
+    first_ep = next(x for x in after if "agent/episode_return" in x)
+    assert first_ep["timesteps"] > ckpt_ts and first_ep["episode"] > meta["episodes"]["episodes"]
+    m = load_policy(out / "policy").manifest
+    assert m["timesteps"] >= target and m["resumes"] == 1
+    assert m["recipe"]["n_steps"] == 20  # the run's own settings came back
+    # a second train into the same DIR without --resume is refused, nothing lost
+    r = subprocess.run([*cmd, "--timesteps", "10"], env=_cli_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stdout
+    assert load_policy(out / "policy").manifest["timesteps"] == m["timesteps"]
+
+
+def test_policy_info_validates_weights(tmp_path):
+    from rlhpo.policy import PolicyNet, save_policy
+
+    path = save_policy(tmp_path / "p", PolicyNet(), agent="ppo", suite="default", timesteps=5)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["policy", "info", str(path)])
+    assert ok.exit_code == 0 and "weights OK" in ok.output and "ppo" in ok.output
+    m = json.loads((path / "manifest.json").read_text())
+    m["tensors"]["action_net.weight"]["shape"] = [12, 64]
+    (path / "manifest.json").write_text(json.dumps(m))
+    bad = runner.invoke(app, ["policy", "info", str(path)])
+    assert (
+        bad.exit_code != 0 and "action_net.weight" in bad.output and "manifest says" in bad.output
+    )
+    assert len(bad.output.strip().splitlines()) == 1
+    save_policy(path, PolicyNet())
+    w = path / "policy.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    bad = runner.invoke(app, ["policy", "info", str(path)])
+    assert bad.exit_code != 0 and "not a readable safetensors" in bad.output
+
+
+def test_recipes_and_overrides():
+    s = load_settings("ppo", overrides=["n_envs=1", "vec_env=dummy", 'freeze=["dropout"]'])
+    assert s.n_envs == 1 and s.vec_env == "dummy" and s.freeze == ("dropout",)
+    assert s.hidden == (64, 64) and s.compute_penalty == 0.1
+    r = load_settings("reinforce", overrides=["learning_rate=0.01"])
+    assert r.learning_rate == 0.01 and r.episodes_per_batch == 8
+    with pytest.raises(ValueError, match=r"unknown PPOSettings setting\(s\) \['nenvs'\]"):
+        load_settings("ppo", overrides=["nenvs=1"])
+    with pytest.raises(ValueError, match="n_envs must be an integer, got 'x'"):
+        load_settings("ppo", overrides=["n_envs=x"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_settings("ppo", overrides=["n_envs"])
+
+
+def test_train_refuses_test_split(tmp_path):
+    r = CliRunner().invoke(
+        app, ["train", "--out", str(tmp_path / "x"), "--no-wandb", "--set", "split=test"]
+    )
+    assert r.exit_code == 2 and "test tasks are never used" in r.output
