@@ -256,3 +256,48 @@ def test_train_refuses_test_split(tmp_path):
         app, ["train", "--out", str(tmp_path / "x"), "--no-wandb", "--set", "split=test"]
     )
     assert r.exit_code == 2 and "test tasks are never used" in r.output
+
+
+def test_eval_and_plot_scripts_run(tmp_path):
+    """Smoke: the committed experiment scripts run end to end on a tiny budget."""
+    out = tmp_path / "run"
+    train_ppo(tiny_ppo(), out, timesteps=80, seed=0, use_wandb=False, show_progress=False)
+    root = Path(__file__).resolve().parents[1]
+    md = tmp_path / "eval.md"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(root / "experiments" / "eval_policy.py"),
+            "--policy",
+            f"ppo={out / 'policy'}",
+            "--seeds",
+            "1",
+            "--budget-scale",
+            "0.02",
+            "--tasks",
+            *TINY["tasks"],
+            "--out",
+            str(md),
+        ],
+        env=_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = md.read_text()
+    assert "| ppo |" in text and "| random |" in text and "| noop |" in text
+    r = subprocess.run(
+        [sys.executable, str(root / "experiments" / "eval_policy.py"), "--policy",
+         f"ppo={out / 'policy'}", "--tasks", "breast_cancer-mlp", "--out", str(md)],
+        env=_cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "train split" in r.stderr
+    png = tmp_path / "curve.png"
+    r = subprocess.run(
+        [sys.executable, str(root / "experiments" / "plot_training_curve.py"),
+         str(out / "log.jsonl"), str(png)],
+        env=_cli_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
