@@ -143,7 +143,7 @@ class HPOEnv(gym.Env):
         task = self.tasks[name]
         start = self._start_hp(task, options)
         self.spec_task = task
-        self.trainee = build_trainee(task, start, seed=run_seed)
+        self.trainee = self._make_trainee(task, start, run_seed)
         self.encoder = ObservationEncoder(task.space)
         self.codec = ActionCodec(task.space, freeze=self.freeze)
         self.history = MetricHistory()
@@ -160,6 +160,10 @@ class HPOEnv(gym.Env):
             budget_fraction=0.0,
         )
         return self.encoder.encode(self.history), self._info(ev, None, diverged=False)
+
+    def _make_trainee(self, task: TaskSpec, hp: dict[str, Any], seed: int) -> Trainee:
+        """A fresh run of ``task`` (the batched vector env hands out batched runs here)."""
+        return build_trainee(task, hp, seed=seed)
 
     def _start_hp(self, task: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
         if "hp" in options:
@@ -181,20 +185,32 @@ class HPOEnv(gym.Env):
         return normalised_score(self.spec_task.metric, score, self.n_classes)
 
     def step(self, action):
+        n = self._begin_step(action)
+        stats = self.trainee.train(n)
+        ev = self.trainee.evaluate()
+        return self._end_step(stats, ev)
+
+    # A step is split in two around the training work, so that the batched vector
+    # env (rlhpo.vec_env) can train many envs' runs together in between and share
+    # everything else (action decoding, reward, observation, info) with this class.
+    def _begin_step(self, action) -> int:
+        """Apply the action to the run; return the samples to train this interval."""
         if self.trainee is None:
             raise RuntimeError("call reset() before step()")
         task, tr = self.spec_task, self.trainee
-        prev_score = self.history.last.val_score
         hp = self.codec.decode(action, tr.hp)
         tr.set_hp(**hp)
-        n = min(task.interval_samples, task.budget_samples - tr.samples_seen)
-        stats = tr.train(n)
+        return min(task.interval_samples, task.budget_samples - tr.samples_seen)
+
+    def _end_step(self, stats, ev: dict[str, float]):
+        """Reward, observation and info after the interval was trained and evaluated."""
+        task, tr = self.spec_task, self.trainee
+        prev_score = self.history.last.val_score
         self.interval += 1
         static = math.ceil(stats.samples / task.default["batch_size"])
         self.static_steps += static
         diverged = stats.diverged or not math.isfinite(stats.train_loss)
         diverged = diverged or stats.train_loss > self.explode_factor * max(self._ref_loss, 1e-8)
-        ev = tr.evaluate()
         if not math.isfinite(ev["loss"]):
             diverged = True
         frac = tr.samples_seen / task.budget_samples

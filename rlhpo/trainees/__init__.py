@@ -4,12 +4,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhpo.tasks.datasets import load_data
+import torch
+from torch import nn
+
+from rlhpo.tasks.datasets import TaskData, load_data
 from rlhpo.tasks.models import build_model
 from rlhpo.tasks.spec import TaskSpec
-from rlhpo.trainees.trainee import IntervalStats, SchedulerFactory, Trainee, score_of
+from rlhpo.trainees.trainee import (
+    IntervalStats,
+    SampleOrder,
+    SchedulerFactory,
+    Trainee,
+    score_of,
+)
 
-__all__ = ["IntervalStats", "Trainee", "build_trainee", "score_of"]
+__all__ = [
+    "IntervalStats",
+    "SampleOrder",
+    "Trainee",
+    "build_trainee",
+    "init_model",
+    "score_of",
+    "task_data",
+]
+
+
+def task_data(spec: TaskSpec) -> TaskData:
+    """The task's train/val/test tensors (split once per task, cached in-process)."""
+    return load_data(
+        spec.dataset, spec.dataset_args, spec.data_seed, spec.val_fraction, spec.test_fraction
+    )
+
+
+def init_model(spec: TaskSpec, data: TaskData, dropout: float, seed: int) -> nn.Module:
+    """The task's model, initialised from ``seed`` without touching the global RNG.
+
+    Every backend builds its models here, so one seed gives one initialisation
+    whether the run is trained alone or batched with others.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build_model(spec.model, spec.model_args, data, dropout=float(dropout))
 
 
 def build_trainee(
@@ -20,15 +55,9 @@ def build_trainee(
 ) -> Trainee:
     """A fresh run of ``spec``: its data (split once per task), a model initialised
     from ``seed``, and the starting hyperparameters ``hp`` (the task default if None)."""
-    import torch
-
-    data = load_data(
-        spec.dataset, spec.dataset_args, spec.data_seed, spec.val_fraction, spec.test_fraction
-    )
+    data = task_data(spec)
     hp = dict(spec.default if hp is None else {**spec.default, **hp})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = build_model(spec.model, spec.model_args, data, dropout=float(hp["dropout"]))
+    model = init_model(spec, data, hp["dropout"], seed)
     return Trainee(
         model,
         data,

@@ -41,6 +41,47 @@ class IntervalStats:
     diverged: bool
 
 
+# Dropout masks come from the run's own torch generator, seeded with seed + this.
+DROPOUT_SEED_OFFSET = 1
+
+
+class SampleOrder:
+    """A seeded stream of training-set indices: a fresh permutation every epoch.
+
+    The data order of a run. The batch size only changes how the stream is cut
+    into batches, never which samples come next.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n = int(n)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.perm = torch.randperm(self.n, generator=self.gen)
+        self.cursor = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next ``n`` indices (continuing into the next epoch's permutation)."""
+        parts = []
+        while n > 0:
+            if self.cursor >= len(self.perm):
+                self.perm = torch.randperm(self.n, generator=self.gen)
+                self.cursor = 0
+            take = min(n, len(self.perm) - self.cursor)
+            parts.append(self.perm[self.cursor : self.cursor + take])
+            self.cursor += take
+            n -= take
+        if not parts:
+            return torch.empty(0, dtype=torch.long)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "perm": self.perm, "cursor": self.cursor}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm = state["perm"]
+        self.cursor = state["cursor"]
+
+
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -100,12 +141,10 @@ class Trainee:
         self.batch_size = int(hp["batch_size"])
         set_dropout(model, hp["dropout"])
         self.loss_fn: Callable = nn.CrossEntropyLoss() if metric == "accuracy" else _mse
-        self._gen = torch.Generator().manual_seed(int(seed))
+        self._order = SampleOrder(data.n_train, seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed) + 1)
+            torch.manual_seed(int(seed) + DROPOUT_SEED_OFFSET)
             self._torch_state = torch.random.get_rng_state()
-        self._perm = torch.randperm(data.n_train, generator=self._gen)
-        self._cursor = 0
         self.samples_seen = 0
         self.optimizer_steps = 0
         self.wall_time = 0.0
@@ -134,16 +173,7 @@ class Trainee:
 
     # -- training ----------------------------------------------------------
     def _next_indices(self, n: int) -> torch.Tensor:
-        parts = []
-        while n > 0:
-            if self._cursor >= len(self._perm):
-                self._perm = torch.randperm(self.data.n_train, generator=self._gen)
-                self._cursor = 0
-            take = min(n, len(self._perm) - self._cursor)
-            parts.append(self._perm[self._cursor : self._cursor + take])
-            self._cursor += take
-            n -= take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._order.take(n)
 
     def train(self, samples: int) -> IntervalStats:
         """Train on exactly ``samples`` samples (the last batch may be partial).
@@ -211,10 +241,8 @@ class Trainee:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "batch_size": self.batch_size,
                 "dropout": get_dropout(self.model),
-                "gen": self._gen.get_state(),
+                **self._order.state(),
                 "torch_state": self._torch_state,
-                "perm": self._perm,
-                "cursor": self._cursor,
             }
         )
 
@@ -227,10 +255,8 @@ class Trainee:
             self.scheduler.load_state_dict(snap["scheduler"])
         self.batch_size = snap["batch_size"]
         set_dropout(self.model, snap["dropout"])
-        self._gen.set_state(snap["gen"])
+        self._order.set_state(snap)
         self._torch_state = snap["torch_state"]
-        self._perm = snap["perm"]
-        self._cursor = snap["cursor"]
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
