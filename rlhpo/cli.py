@@ -283,6 +283,94 @@ def policy_info(
     )
 
 
+@app.command("apply")
+def apply_cmd(
+    policy: Annotated[str, typer.Option(help="Policy directory (manifest.json + weights).")],
+    task: Annotated[str, typer.Option(help="Task name in the suite.")],
+    suite: Annotated[str, typer.Option(help="Suite name under envs/ or path to a TOML file.")] = (
+        "default"
+    ),
+    seed: Annotated[
+        int, typer.Option(help="Run seed (same init and data order as an episode).")
+    ] = 0,
+    out: Annotated[
+        str | None, typer.Option(help="Output folder (default runs/apply/TASK-sSEED-TIME).")
+    ] = None,
+    start: Annotated[
+        str, typer.Option(help="Starting hyperparameters: default, random or low-lr.")
+    ] = "default",
+    budget_scale: Annotated[float, typer.Option(help="Multiply the task's sample budget.")] = 1.0,
+    stochastic: Annotated[
+        bool, typer.Option("--stochastic", help="Sample actions instead of the most likely.")
+    ] = False,
+    no_wandb: Annotated[
+        bool, typer.Option("--no-wandb", help="Log only to OUT/log.jsonl.")
+    ] = False,
+) -> None:
+    """Train a task for its whole budget with a policy tuning it (a Controller on a Trainee)."""
+    from rich.live import Live
+
+    from rlhpo.apply import STARTS, apply_policy
+    from rlhpo.policy import PolicyFileError
+    from rlhpo.tasks import SpecError
+
+    if start not in STARTS:
+        _fail(f"--start must be one of {', '.join(STARTS)}, got {start!r}")
+    table = Table(title=f"rlhpo apply: {task}, seed {seed}, start {start}, policy {policy}")
+    for col in (
+        "interval",
+        "samples",
+        "lr",
+        "batch",
+        "dropout",
+        "train loss",
+        "val loss",
+        "val score",
+    ):
+        table.add_column(col, justify="right")
+
+    def add_row(r) -> None:
+        table.add_row(
+            str(r.interval) + (" [red]rollback[/red]" if r.rolled_back else ""),
+            str(r.samples),
+            f"{r.lr:.2e}",
+            str(r.batch_size),
+            f"{r.dropout:.2f}",
+            "" if r.train_loss is None else f"{r.train_loss:.4f}",
+            f"{r.val_loss:.4f}",
+            f"{r.val_score:.4f}",
+        )
+
+    try:
+        with Live(table, console=console, refresh_per_second=4):
+            res = apply_policy(
+                policy,
+                task,
+                suite=suite,
+                seed=seed,
+                start=start,
+                budget_scale=budget_scale,
+                out_dir=out,
+                use_wandb=not no_wandb,
+                deterministic=not stochastic,
+                on_row=add_row,
+            )
+    except (PolicyFileError, SpecError, ValueError, FileExistsError) as e:
+        _fail(str(e))
+    console.line()  # Live leaves the cursor at the table's last line when piped
+    f = res.final
+    console.print(
+        f"final val {f.val_score:.4f} (loss {f.val_loss:.4f}) | [bold]test {res.test['score']:.4f}[/bold] "
+        f"(loss {res.test['loss']:.4f}) | {res.samples} samples | {res.optimizer_steps} optimizer "
+        f"steps ({res.static_steps} at the default batch) | training {res.train_seconds:.2f} s, "
+        f"controller {1000 * res.controller_seconds:.1f} ms, wall {res.wall_seconds:.2f} s"
+        + (f" | {res.rollbacks} rollbacks" if res.rollbacks else ""),
+        highlight=False,
+    )
+    files = ", ".join(f"{k} {v}" for k, v in res.files.items())
+    console.print(f"wrote {files}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

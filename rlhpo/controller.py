@@ -430,7 +430,10 @@ class Controller:
         )
         log.warning(msg)
         self.events.append(msg)
-        return Decision(dict(self.hp), self.interval, rolled_back=True, events=(msg,))
+        self.done = self.samples >= self.budget_samples
+        return Decision(
+            dict(self.hp), self.interval, rolled_back=True, done=self.done, events=(msg,)
+        )
 
 
 class ControlledBatchSampler(torch.utils.data.Sampler[list[int]]):

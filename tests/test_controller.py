@@ -241,3 +241,44 @@ def test_space_and_freeze(tmp_path):
     assert get_learning_rate(opt) == 1e-2
     d = ctl.start(val_loss=1.0, val_score=0.0)
     assert d.hp == {"lr": 1e-2, "batch_size": 16, "dropout": 0.15}  # clipped, batch frozen
+
+
+def _apply_cli(tmp_path, *extra):
+    from typer.testing import CliRunner
+
+    from rlhpo.cli import app
+
+    pol = random_policy(tmp_path / "pol", seed=1)
+    args = ["apply", "--policy", str(pol), "--task", "breast_cancer-mlp", "--seed", "0"]
+    return CliRunner().invoke(app, [*args, "--budget-scale", "0.1", *extra])
+
+
+def test_apply_cli_end_to_end(tmp_path):
+    import csv
+
+    out = tmp_path / "run"
+    res = _apply_cli(tmp_path, "--out", str(out), "--no-wandb", "--start", "low-lr")
+    assert res.exit_code == 0, res.output
+    assert "final val" in res.output and "test" in res.output and "optimizer steps" in res.output
+    rows = list(csv.DictReader(open(out / "trace.csv")))
+    assert [int(r["interval"]) for r in rows] == list(range(21))
+    assert float(rows[0]["lr"]) == 1e-5 and rows[0]["train_loss"] == ""
+    assert int(rows[-1]["samples"]) == 1700  # 17000 x 0.1: the whole budget
+    assert len({(r["lr"], r["batch_size"], r["dropout"]) for r in rows}) > 3
+    assert (out / "curves.png").stat().st_size > 10_000
+    logged = (out / "log.jsonl").read_text()
+    assert '"hp/lr"' in logged and '"final/test_score"' in logged
+    assert not (out / "wandb").exists()
+    again = _apply_cli(tmp_path, "--out", str(out), "--no-wandb")
+    assert again.exit_code == 2 and "already holds a trace.csv" in again.output
+    bad = _apply_cli(tmp_path, "--out", str(tmp_path / "r2"), "--start", "warm")
+    assert bad.exit_code == 2 and "--start must be one of default, random, low-lr" in bad.output
+
+
+def test_apply_cli_logs_to_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    res = _apply_cli(tmp_path, "--out", str(out), "--start", "random")
+    assert res.exit_code == 0, res.output
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
