@@ -282,3 +282,32 @@ def test_apply_cli_logs_to_wandb_offline(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_rollback_to_before_the_first_step_and_with_scheduler(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    ctl = Controller.load(
+        forced_policy(tmp_path / "pol"),
+        optimizer=opt,
+        model=model,
+        scheduler=sched,
+        budget_samples=1000,
+        n_classes=3,
+    )
+    for _ in range(2):
+        _train_a_bit(model, opt)
+        sched.step()
+    assert len(opt.state) == 6 and sched.last_epoch == 2
+    d = ctl.step(train_loss=float("inf"), val_loss=1.0, val_score=0.3, samples=10)
+    assert "restored model, optimizer, scheduler of interval 0" in d.events[0]
+    for k, v in model.state_dict().items():  # parameters and BatchNorm buffers
+        assert torch.equal(v, init[k]), k
+    assert len(opt.state) == 0 and sched.last_epoch == 0
+    assert get_learning_rate(opt) == pytest.approx(2.5e-4)
+    _train_a_bit(model, opt)  # the optimizer works on from the restored state
+    sched.step()
+    assert get_learning_rate(opt) == pytest.approx(2.5e-4 / 2)
