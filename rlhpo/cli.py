@@ -167,17 +167,129 @@ def show_episode(env, task: str, seed: int, policy: str, start: str) -> None:
     )
 
 
-@app.command()
-def demo() -> None:
-    """The first taste: one episode on a held-out task from a bad start and from the default."""
-    from rlhpo.env import HPOEnv
+DEFAULT_METHODS = (
+    "policy:agents/policies/default,static,static-minbs,cosine,step,warmup-cosine,plateau,"
+    "optuna-tpe:20,optuna-random:20,optuna-tpe-median:20,pbt:4"
+)
 
-    env = HPOEnv("default", split="test", tasks=["mnist1d-cnn"], timing=True)
+
+def _seeds(text: str) -> list[int]:
+    """``5`` -> seeds 0..4; ``0,3,7`` -> those seeds."""
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return list(range(n))
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--seeds must be a count >= 1 or a comma-separated list of integers, got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        _fail(f"--seeds must list distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+@app.command()
+def compare(
+    out: Annotated[str, typer.Option(help="Output folder; rerunning with it resumes.")],
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated methods: policy:DIR[?freeze=batch_size,dropout&name=N], "
+            "static, static-bsN, static-minbs, cosine, step, warmup-cosine[?peak=LR], plateau, "
+            "optuna-tpe|random[-median|-hyperband]:N, pbt:N."
+        ),
+    ] = DEFAULT_METHODS,
+    suite: Annotated[str, typer.Option(help="Suite name under envs/ or TOML path.")] = "default",
+    split: Annotated[str, typer.Option(help="train, test or all.")] = "test",
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names (default: all).")] = "",
+    seeds: Annotated[str, typer.Option(help="A count (0..N-1) or a list: 0,3,7.")] = "5",
+    starts: Annotated[
+        str, typer.Option(help="Starts of single-run methods: default, low-lr, high-lr.")
+    ] = "default,low-lr",
+    workers: Annotated[int, typer.Option(help="Parallel worker processes (1 thread each).")] = 2,
+    executor: Annotated[str, typer.Option(help="local (processes) or ray (Ray tasks).")] = "local",
+    address: Annotated[str, typer.Option(help="Ray cluster address (--executor ray).")] = "",
+    storage: Annotated[
+        str, typer.Option(help="Optuna RDB URL (default: a SQLite file per study in OUT).")
+    ] = "",
+    budget_scale: Annotated[float, typer.Option(help="Multiply every task's budget.")] = 1.0,
+    no_wandb: Annotated[bool, typer.Option("--no-wandb", help="JSONL logs only.")] = False,
+    bootstrap_reps: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 2000,
+) -> None:
+    """Compare tuning methods on a suite at equal sample budget: results.csv, summary.md, PNGs."""
+    from pathlib import Path
+
+    from rlhpo.compare import CompareConfig, CompareError, MethodError, parse_methods
+    from rlhpo.compare.methods import parse_starts
+    from rlhpo.compare.report import console_table
+    from rlhpo.compare.runner import command_line, run_comparison
+    from rlhpo.tasks import SpecError
+
+    try:
+        cfg = CompareConfig(
+            out=Path(out),
+            methods=parse_methods(methods),
+            suite=suite,
+            split=split,
+            tasks=[t.strip() for t in tasks.split(",") if t.strip()] or None,
+            seeds=_seeds(seeds),
+            starts=parse_starts(starts),
+            budget_scale=budget_scale,
+            workers=workers,
+            executor=executor,
+            address=address or None,
+            storage=storage or None,
+            use_wandb=not no_wandb,
+            bootstrap_reps=bootstrap_reps,
+            command=command_line(),
+        )
+        res = run_comparison(cfg, console=console)
+    except (MethodError, CompareError, SpecError) as e:
+        _fail(str(e))
+    _show_result(res, console_table)
+
+
+def _show_result(res, console_table) -> None:
+    if res.report is not None and res.report.entries:
+        console.print(console_table(res.report, title=f"comparison in {res.out}"))
     console.print(
-        "[bold]rlhpo demo[/bold]: the environment trains a real model one interval per step."
+        f"{res.ran} cells run, {res.skipped} already done, {len(res.failed)} failed, "
+        f"{res.wall_time:.0f} s. Summary: {res.summary}; plots: "
+        + ", ".join(str(p) for p in res.plots)
     )
-    show_episode(env, "mnist1d-cnn", seed=0, policy="noop", start="default")
-    show_episode(env, "mnist1d-cnn", seed=1, policy="random", start="random")
+    if res.failed:
+        for cid, err in res.failed:
+            console.print(f"[red]failed[/red] {cid}: {err}", highlight=False)
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(
+    policy: Annotated[str, typer.Option(help="Policy directory.")] = "",
+    task: Annotated[str, typer.Option(help="A held-out (test) task.")] = "mnist1d-cnn",
+    seeds: Annotated[int, typer.Option(help="Seeds per cell.")] = 2,
+    trials: Annotated[int, typer.Option(help="Optuna TPE trials.")] = 6,
+    out: Annotated[str, typer.Option(help="Output folder (default runs/demo-TIME).")] = "",
+) -> None:
+    """The first taste: the shipped policy on a held-out task vs static, plateau and Optuna."""
+    from rlhpo.compare.demo import DEFAULT_POLICY, run_demo
+    from rlhpo.compare.report import console_table
+
+    pol = policy or str(DEFAULT_POLICY)
+    console.print(
+        f"[bold]rlhpo demo[/bold]: policy [cyan]{pol}[/cyan] tunes a run of the held-out task "
+        f"[cyan]{task}[/cyan] (from the default start and from lr 1e-5), next to the static "
+        f"default, the hand-written plateau controller and Optuna TPE with {trials} trials; "
+        f"{seeds} seeds, the same sample budget per run."
+    )
+    try:
+        res = run_demo(
+            pol, out or None, task=task, seeds=tuple(range(seeds)), trials=trials, console=console
+        )
+    except FileNotFoundError as e:
+        _fail(str(e))
+    _show_result(res, console_table)
 
 
 @app.command()

@@ -1,0 +1,50 @@
+"""`rlhpo demo`: the shipped default policy on a held-out task, next to the static
+default, the plateau controller and a small Optuna study, as a small comparison."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlhpo.compare.methods import parse_methods
+from rlhpo.compare.runner import CompareConfig, CompareResult, run_comparison
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "agents" / "policies" / "default"
+
+
+def run_demo(
+    policy: str | Path = DEFAULT_POLICY,
+    out: str | Path | None = None,
+    task: str = "mnist1d-cnn",
+    seeds: tuple[int, ...] = (0, 1),
+    trials: int = 6,
+    workers: int = 2,
+    use_wandb: bool = True,
+    console=None,
+) -> CompareResult:
+    """Run the demo comparison; raises FileNotFoundError naming a missing policy."""
+    policy = Path(policy)
+    if not (policy / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"the default policy is missing: {policy} holds no manifest.json. Train one with "
+            f"`rlhpo train` and save it there, or pass --policy DIR"
+        )
+    out = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    methods = parse_methods(f"policy:{policy}?name=policy,static,plateau,optuna-tpe:{trials}")
+    cfg = CompareConfig(
+        out=out,
+        methods=methods,
+        suite="default",
+        split="test",
+        tasks=[task],
+        seeds=list(seeds),
+        starts=["default", "low-lr"],
+        workers=workers,
+        use_wandb=use_wandb,
+        bootstrap_reps=1000,
+        command=(
+            f"rlhpo demo --policy {policy} --task {task} --seeds {len(seeds)} "
+            f"--trials {trials} --out {out}"
+        ),
+    )
+    return run_comparison(cfg, console=console)
