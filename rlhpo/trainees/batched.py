@@ -1,0 +1,503 @@
+"""The batched backend: many runs of one task trained together in one process.
+
+A :class:`BatchedTrainee` holds any number of independent runs of one task
+(:class:`BatchedRun`, each with the :class:`~rlhpo.trainees.Trainee` interface:
+``hp``, ``set_hp``, ``train``, ``evaluate``, counters). Each run has its own
+initialisation (built by :func:`rlhpo.trainees.init_model` under its seed,
+exactly as ``build_trainee`` builds it), learning rate, batch size, dropout,
+data order (the same :class:`~rlhpo.trainees.SampleOrder` stream as a Trainee
+with that seed) and optimizer state.
+
+How runs are trained together (:meth:`BatchedTrainee.train`):
+
+- Runs that train the same number of samples at the same batch size form a
+  group; a group advances in lockstep, one optimizer step of every run per
+  step, each step one batched matrix multiply per layer over stacked weights
+  (:mod:`rlhpo.trainees.stacked`). So every run's step sees exactly the rows
+  the unbatched Trainee's step would see, with no padding and no masking: the
+  batch size is honoured exactly and samples are counted per run. Different
+  batch sizes cost one more group (a few more kernel launches), not wasted
+  rows; padding to the largest batch wasted up to 2x the work with the random
+  batch sizes a policy visits, and gradient accumulation changes the float
+  summation order of every step.
+- Groups are cut into chunks small enough that a chunk's activations stay in
+  the CPU's L2 cache (``chunk_elements``): measured, a [32, 64, 128] elementwise
+  op took 15x the time of a [8, 64, 128] one on this machine.
+- Adam/AdamW: ``torch._fused_adam_`` per run (per-run learning rate and step
+  count, one fused pass over its tensors), or with ``exact=True`` the
+  single-tensor arithmetic of ``torch.optim.Adam`` applied to the stacked
+  tensors. SGD with momentum: the stacked update.
+- Dropout: with ``exact=True`` each run draws its masks from its own torch
+  generator, exactly as ``nn.Dropout`` does inside the Trainee (same seed, same
+  shapes, same order), so a batched run reproduces the unbatched one up to
+  float summation order. By default each run draws from its own fast numpy
+  ``SFC64`` stream: 16-bit uniforms compared with ``1 - p`` (keep probability
+  within 2**-16 of ``1 - p``), scaled by ``1 / (1 - p)`` as ``nn.Dropout`` does.
+  Same distribution, different masks: runs then agree with the unbatched ones
+  statistically, not sample by sample.
+
+Supported: ``mlp`` and ``cnn1d`` tasks (see :func:`supports_batching`); GRU and
+transformer tasks train one model per env.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhpo.knobs import KNOBS, check_knob
+from rlhpo.tasks.models import build_model
+from rlhpo.tasks.spec import TaskSpec
+from rlhpo.trainees import init_model, task_data
+from rlhpo.trainees.stacked import StackedNet, loss_and_grad
+from rlhpo.trainees.trainee import (
+    DROPOUT_SEED_OFFSET,
+    IntervalStats,
+    SampleOrder,
+    _mse,
+    score_of,
+)
+
+Tensor = torch.Tensor
+
+BATCHED_MODELS = ("mlp", "cnn1d")
+BATCHED_OPTIMIZERS = ("adam", "adamw", "sgd")
+# Activation elements per chunk (~256 KiB of float32): keeps a chunk's working set
+# in L2. Measured best among 16K..256K for the MNIST-1D MLP and CNN (throughput.py).
+CHUNK_ELEMENTS = 65536
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+_ADAMW_DECAY = 0.01  # as rlhpo.trainees.trainee.make_optimizer
+_SGD_MOMENTUM = 0.9
+
+
+def supports_batching(spec: TaskSpec) -> bool:
+    """Whether runs of ``spec`` can be trained by the batched backend."""
+    return spec.model in BATCHED_MODELS and spec.optimizer in BATCHED_OPTIMIZERS
+
+
+class BatchedRun:
+    """One run inside a :class:`BatchedTrainee`, with the Trainee interface.
+
+    ``train`` and ``evaluate`` on a single run work (a group of one); the speed
+    comes from :meth:`BatchedTrainee.train` on many runs at once.
+    """
+
+    def __init__(self, group: BatchedTrainee, hp: dict[str, Any], seed: int):
+        self.group = group
+        self.seed = int(seed)
+        spec = group.spec
+        hp = spec.space.clip_all({**spec.default, **hp})
+        model = init_model(spec, group.data, hp["dropout"], seed)
+        self.params = group.net.params_of(model)
+        self.state = [torch.zeros_like(p) for p in self.params]  # exp_avg / momentum
+        self.state2 = [torch.zeros_like(p) for p in self.params] if group.optimizer != "sgd" else []
+        self.step = 0
+        self.lr = float(hp["lr"])
+        self.batch_size = int(hp["batch_size"])
+        self.dropout = float(hp["dropout"])
+        self.order = SampleOrder(group.data.n_train, seed)
+        if group.exact:
+            self.dropout_rng: Any = torch.Generator().manual_seed(self.seed + DROPOUT_SEED_OFFSET)
+        else:
+            self.dropout_rng = np.random.SFC64(np.random.SeedSequence([self.seed, 1]))
+        self.samples_seen = 0
+        self.optimizer_steps = 0
+        self.wall_time = 0.0
+        self.released = False
+
+    # -- the Trainee interface ----------------------------------------------
+    @property
+    def data(self):
+        return self.group.data
+
+    @property
+    def space(self):
+        return self.group.spec.space
+
+    @property
+    def metric(self) -> str:
+        return self.group.spec.metric
+
+    @property
+    def hp(self) -> dict[str, Any]:
+        return {"lr": self.lr, "batch_size": self.batch_size, "dropout": self.dropout}
+
+    def set_hp(self, **values: Any) -> dict[str, Any]:
+        """Apply knob values, clipped to the space (as ``Trainee.set_hp``)."""
+        for k, v in values.items():
+            check_knob(k)
+            v = self.space.clip(k, v)
+            if k == "lr":
+                self.lr = float(v)
+            elif k == "batch_size":
+                self.batch_size = int(v)
+            else:
+                self.dropout = float(v)
+        return self.hp
+
+    def train(self, samples: int) -> IntervalStats:
+        return self.group.train([(self, samples)])[0]
+
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        return self.group.evaluate([self], split)[0]
+
+    def to_module(self) -> nn.Module:
+        """A plain ``nn.Module`` holding this run's current weights."""
+        g = self.group
+        model = build_model(g.spec.model, g.spec.model_args, g.data, dropout=self.dropout)
+        return g.net.load_into(model, self.params)
+
+    def release(self) -> None:
+        """Leave the group (its memory is freed with the last reference)."""
+        self.released = True
+        self.group.runs.discard(self)
+
+    def state_bytes(self) -> int:
+        """Bytes of this run's weights and optimizer state."""
+        return sum(t.numel() * t.element_size() for t in self.params + self.state + self.state2)
+
+
+class BatchedTrainee:
+    """Runs of one task, trained together (see the module docstring).
+
+    Args:
+        spec: the task (``supports_batching(spec)`` must hold).
+        exact: replay the Trainee's dropout masks and Adam arithmetic (slower;
+            for checking the batched backend against the unbatched one).
+        chunk_elements: activation elements per chunk (cache-sized work units).
+    """
+
+    def __init__(self, spec: TaskSpec, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+        if not supports_batching(spec):
+            raise ValueError(
+                f"task {spec.name!r} cannot be batched: model {spec.model!r} with optimizer "
+                f"{spec.optimizer!r} (batched: models {BATCHED_MODELS}, "
+                f"optimizers {BATCHED_OPTIMIZERS})"
+            )
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        self.spec = spec
+        self.exact = bool(exact)
+        self.chunk_elements = int(chunk_elements)
+        self.optimizer = spec.optimizer
+        self.data = task_data(spec)
+        template = init_model(spec, self.data, 0.0, 0)
+        self.net = StackedNet.for_model(template, self.data.input_shape)
+        self.loss_fn = nn.CrossEntropyLoss() if spec.metric == "accuracy" else _mse
+        self.runs: set[BatchedRun] = set()
+        self._fused = (
+            not self.exact
+            and self.optimizer in ("adam", "adamw")
+            and hasattr(torch, "_fused_adam_")
+            and hasattr(torch, "_fused_adamw_")
+        )
+
+    def add(self, hp: dict[str, Any] | None = None, seed: int = 0) -> BatchedRun:
+        """A new run: hyperparameters ``hp`` (the task default for missing knobs,
+        clipped to the space), initialised and ordered by ``seed``."""
+        if hp:
+            unknown = set(hp) - set(KNOBS)
+            if unknown:
+                raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {KNOBS}")
+        run = BatchedRun(self, dict(hp or {}), seed)
+        self.runs.add(run)
+        return run
+
+    def _check(self, runs: Iterable[BatchedRun]) -> None:
+        for r in runs:
+            if r.group is not self:
+                raise ValueError("run belongs to another BatchedTrainee")
+            if r.released:
+                raise ValueError("run was released from its BatchedTrainee")
+
+    def chunk_size(self, rows: int) -> int:
+        """Runs per chunk when each run processes ``rows`` samples at once."""
+        return max(1, self.chunk_elements // max(1, rows * self.net.widest))
+
+    # -- training -----------------------------------------------------------
+    def train(self, requests: Sequence[tuple[BatchedRun, int]]) -> list[IntervalStats]:
+        """Train each ``(run, samples)`` on exactly that many samples (the last
+        batch may be partial), all runs together. Returns their stats, in order.
+
+        A run whose loss turns non-finite stops there and reports ``diverged``,
+        as a Trainee does; the others go on.
+        """
+        self._check(r for r, _ in requests)
+        if len({id(r) for r, _ in requests}) != len(requests):
+            raise ValueError("a run appears twice in one train() call")
+        results: dict[int, IntervalStats] = {}
+        groups: dict[tuple[int, int], list[BatchedRun]] = defaultdict(list)
+        for run, n in requests:
+            n = int(n)
+            if n <= 0:
+                results[id(run)] = IntervalStats(0.0, 0, 0, 0.0, False)
+            else:
+                groups[(run.batch_size, n)].append(run)
+        for (bs, n), runs in groups.items():
+            size = self.chunk_size(bs)
+            for i in range(0, len(runs), size):
+                chunk = runs[i : i + size]
+                for run, st in zip(chunk, self._train_chunk(chunk, bs, n), strict=True):
+                    results[id(run)] = st
+        return [results[id(r)] for r, _ in requests]
+
+    def _train_chunk(self, runs: list[BatchedRun], bs: int, n: int) -> list[IntervalStats]:
+        t0 = time.perf_counter()
+        k = len(runs)
+        data = self.data
+        order_states = [r.order.state() for r in runs]
+        idx = torch.stack([r.order.take(n) for r in runs])  # [k, n]
+        P = [torch.stack(ps) for ps in zip(*(r.params for r in runs), strict=True)]
+        S = [torch.stack(ps) for ps in zip(*(r.state for r in runs), strict=True)]
+        S2 = [torch.stack(ps) for ps in zip(*(r.state2 for r in runs), strict=True)]
+        G = [torch.empty_like(p) for p in P]
+        opt = _ChunkOptimizer(self, runs, P, G, S, S2)
+        masks = _DropoutMasks(self, runs)
+        # The chunk's whole interval of samples, gathered once: [k, n, ...].
+        flat = idx.view(-1)
+        xs = data.x_train.index_select(0, flat).view(k, n, *data.x_train.shape[1:])
+        ys = data.y_train.index_select(0, flat).view(k, n)
+        done = [0] * k
+        steps = [0] * k
+        total = torch.zeros(k, dtype=torch.float64)
+        alive = list(range(k))
+        for t in range(math.ceil(n / bs)):
+            lo = t * bs
+            b = min(bs, n - lo)
+            ctx: list = []
+            x = xs[:, lo : lo + b].contiguous()
+            out = self.net.forward(P, x, masks.draw(b, alive), ctx)
+            loss, dout = loss_and_grad(self.spec.metric, out, ys[:, lo : lo + b], self.exact)
+            for i in alive:
+                done[i] += b
+            if not bool(torch.isfinite(loss).all()):
+                finite = torch.isfinite(loss).tolist()
+                bad = [i for i in alive if not finite[i]]
+                alive = [i for i in alive if finite[i]]
+                # Their data order stops where a Trainee's would (the rest of this
+                # interval's draws were never used).
+                for i in bad:
+                    runs[i].order.set_state(order_states[i])
+                    runs[i].order.take(done[i])
+                if not alive:
+                    break
+            self.net.backward(P, G, dout, ctx)
+            opt.step(alive)
+            if len(alive) == k:
+                total += loss.double() * b
+            else:
+                good = torch.tensor(alive)
+                total[good] += loss[good].double() * b
+            for i in alive:
+                steps[i] += 1
+        opt.finish()
+        for j, r in enumerate(runs):
+            for dst, src in ((r.params, P), (r.state, S), (r.state2, S2)):
+                for d, s in zip(dst, src, strict=True):
+                    d.copy_(s[j])
+        dt = (time.perf_counter() - t0) / k  # wall time shared equally by the chunk
+        stats = []
+        alive_set = set(alive)
+        for j, r in enumerate(runs):
+            diverged = j not in alive_set
+            r.samples_seen += done[j]
+            r.optimizer_steps += steps[j]
+            r.wall_time += dt
+            mean = float(total[j]) / max(done[j], 1) if not diverged else float("nan")
+            stats.append(IntervalStats(mean, done[j], steps[j], dt, diverged))
+        return stats
+
+    # -- evaluation ---------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, runs: Sequence[BatchedRun], split: str = "val") -> list[dict[str, float]]:
+        """Loss and raw metric of each run on ``val`` (default) or, only when asked,
+        ``test``, as ``Trainee.evaluate`` computes them (dropout off)."""
+        if split not in ("val", "test", "train"):
+            raise ValueError(f"split must be val, test or train; got {split!r}")
+        runs = list(runs)
+        self._check(runs)
+        x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
+        out: list[dict[str, float]] = []
+        size = self.chunk_size(int(x.shape[0]))
+        for i in range(0, len(runs), size):
+            t0 = time.perf_counter()
+            chunk = runs[i : i + size]
+            P = [torch.stack(ps) for ps in zip(*(r.params for r in chunk), strict=True)]
+            o = self.net.forward(P, x, shared=True)
+            for j in range(len(chunk)):
+                oj = o[j]
+                loss = float(self.loss_fn(oj, y))
+                score = score_of(self.spec.metric, oj, y) if torch.isfinite(oj).all() else math.nan
+                out.append({"loss": loss, "score": score})
+            dt = (time.perf_counter() - t0) / len(chunk)
+            for r in chunk:
+                r.wall_time += dt
+        return out
+
+
+class _ChunkOptimizer:
+    """The optimizer step of a chunk of runs over their stacked tensors."""
+
+    def __init__(self, group: BatchedTrainee, runs, P, G, S, S2):
+        self.group, self.runs, self.P, self.G, self.S, self.S2 = group, runs, P, G, S, S2
+        self.kind = group.optimizer
+        k = len(runs)
+        self.lr = [r.lr for r in runs]
+        self.steps = [r.step for r in runs]
+        if group._fused:
+            # Per-run views, and a step counter per run that the fused kernel reads
+            # for every tensor (it reads it, torch.optim increments it before).
+            self.views = [
+                ([p[i] for p in P], [g[i] for g in G], [s[i] for s in S], [s[i] for s in S2])
+                for i in range(k)
+            ]
+            self.step_t = [torch.tensor(float(r.step)) for r in runs]
+
+    def step(self, alive: list[int]) -> None:
+        if self.group._fused:
+            fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
+            wd = _ADAMW_DECAY if self.kind == "adamw" else 0.0
+            for i in alive:
+                p, g, m, v = self.views[i]
+                self.step_t[i] += 1
+                fused(
+                    p,
+                    g,
+                    m,
+                    v,
+                    [],
+                    [self.step_t[i]] * len(p),
+                    lr=self.lr[i],
+                    beta1=_ADAM_BETAS[0],
+                    beta2=_ADAM_BETAS[1],
+                    weight_decay=wd,
+                    eps=_ADAM_EPS,
+                    amsgrad=False,
+                    maximize=False,
+                )
+            for i in alive:
+                self.steps[i] += 1
+            return
+        k = len(self.runs)
+        everyone = len(alive) == k
+        sel = None if everyone else torch.tensor(alive)
+        for i in alive:
+            self.steps[i] += 1
+        if self.kind == "sgd":
+            self._sgd(alive, sel)
+        else:
+            self._adam(alive, sel)
+
+    def _pick(self, t: Tensor, sel: Tensor | None) -> Tensor:
+        return t if sel is None else t.index_select(0, sel)
+
+    def _put(self, t: Tensor, sel: Tensor | None, val: Tensor) -> None:
+        if sel is not None:
+            t.index_copy_(0, sel, val)
+
+    def _adam(self, alive: list[int], sel: Tensor | None) -> None:
+        # torch.optim.Adam's single-tensor arithmetic, with per-run lr and step
+        # count as [k, 1, ...] tensors: same operations, same rounding.
+        b1, b2 = _ADAM_BETAS
+        step_size, bc2_sqrt, decay = [], [], []
+        for i in alive:
+            s = self.steps[i]
+            step_size.append(-(self.lr[i] / (1 - b1**s)))
+            bc2_sqrt.append((1 - b2**s) ** 0.5)
+            decay.append(1 - self.lr[i] * _ADAMW_DECAY)
+        for p, g, m, v in zip(self.P, self.G, self.S, self.S2, strict=True):
+            shape = (len(alive),) + (1,) * (p.dim() - 1)
+            pp, gg, mm, vv = (self._pick(t, sel) for t in (p, g, m, v))
+            if self.kind == "adamw":
+                pp.mul_(torch.tensor(decay).view(shape))
+            mm.lerp_(gg, 1 - b1)
+            vv.mul_(b2).addcmul_(gg, gg, value=1 - b2)
+            denom = (vv.sqrt() / torch.tensor(bc2_sqrt).view(shape)).add_(_ADAM_EPS)
+            pp.add_((mm * torch.tensor(step_size).view(shape)) / denom)
+            for t, new in ((p, pp), (m, mm), (v, vv)):
+                self._put(t, sel, new)
+
+    def _sgd(self, alive: list[int], sel: Tensor | None) -> None:
+        # torch.optim.SGD(momentum=0.9): the buffer starts as the first gradient.
+        first = [self.steps[i] == 1 for i in alive]
+        mom = torch.tensor([0.0 if f else _SGD_MOMENTUM for f in first])
+        neg_lr = torch.tensor([-self.lr[i] for i in alive])
+        for p, g, buf in zip(self.P, self.G, self.S, strict=True):
+            shape = (len(alive),) + (1,) * (p.dim() - 1)
+            pp, gg, bb = (self._pick(t, sel) for t in (p, g, buf))
+            bb.mul_(mom.view(shape)).add_(gg)
+            pp.add_(bb * neg_lr.view(shape))
+            for t, new in ((p, pp), (buf, bb)):
+                self._put(t, sel, new)
+
+    def finish(self) -> None:
+        for r, s in zip(self.runs, self.steps, strict=True):
+            r.step = s
+
+
+class _DropoutMasks:
+    """Per-run dropout masks for each dropout site of a chunk, each step."""
+
+    # int16 draws per run and site fetched at once (numpy call overhead amortised).
+    BLOCK = 1 << 16
+
+    def __init__(self, group: BatchedTrainee, runs: list[BatchedRun]):
+        self.group, self.runs = group, runs
+        self.sites = group.net.sites
+        self.p = [r.dropout for r in runs]
+        self.active = any(p > 0 for p in self.p) and bool(self.sites)
+        if not self.active:
+            return
+        keep = [1.0 - p for p in self.p]
+        # nn.Dropout scales kept units by 1 / (1 - p), computed in float32.
+        self.scale = [float(torch.ones(()).div_(q)) for q in keep]
+        # Keep a unit when a uniform 16-bit integer (read as int16) is below this:
+        # probability round(q * 2**16) / 2**16.
+        self.threshold = [np.int16(min(round(q * 65536) - 32768, 32767)) for q in keep]
+        self.bufs: dict[tuple[int, int], Tensor] = {}
+        self.bits = [[np.empty(0, np.int16) for _ in self.sites] for _ in runs]
+
+    def _buffer(self, site_i: int, b: int) -> Tensor:
+        # Rows of models with p = 0 (or stopped) stay 1: filled once per buffer.
+        key = (site_i, b)
+        if key not in self.bufs:
+            self.bufs[key] = torch.ones(len(self.runs), b, *self.sites[site_i].shape)
+        return self.bufs[key]
+
+    def _bits(self, i: int, s: int, n: int) -> np.ndarray:
+        have = self.bits[i][s]
+        if len(have) < n:
+            raw = self.runs[i].dropout_rng.random_raw((max(n, self.BLOCK) + 3) // 4)
+            have = np.concatenate([have, raw.view(np.int16)])
+        self.bits[i][s] = have[n:]
+        return have[:n]
+
+    def draw(self, b: int, alive: list[int]) -> list[Tensor | None] | None:
+        if not self.active:
+            return None
+        masks: list[Tensor | None] = []
+        for s, site in enumerate(self.sites):
+            f = site.features
+            buf = self._buffer(s, b)
+            view = buf.numpy().reshape(len(self.runs), b * f)
+            for i in alive:
+                p = self.p[i]
+                if p <= 0:
+                    continue  # nn.Dropout draws nothing at p = 0
+                if self.group.exact:
+                    rng = self.runs[i].dropout_rng
+                    m = torch.empty(b, f).bernoulli_(1 - p, generator=rng).div_(1 - p)
+                    buf[i] = site.from_module_order(m).view(buf.shape[1:])
+                else:
+                    bits = self._bits(i, s, b * f)
+                    np.multiply(np.less(bits, self.threshold[i]), self.scale[i], out=view[i])
+            masks.append(buf)
+        return masks

@@ -1,0 +1,433 @@
+"""Vectorised ``rlhpo/HPO-v0``: many tuning episodes whose models train together.
+
+:class:`BatchedVecEnv` is a stable-baselines3 ``VecEnv`` (and
+:class:`BatchedVectorEnv` a Gymnasium ``VectorEnv``) of ``n_envs`` environments
+with the semantics of ``n_envs`` separate :class:`~rlhpo.env.HPOEnv` instances:
+each slot *is* an ``HPOEnv`` (a subclass that only changes where its training
+run lives), with its own seed and random generator, its own task drawn at each
+reset, and the env's own action decoding, reward, observation and ``info``.
+What changes is how the runs are trained: every step, the runs of all slots that
+hold the same batchable task train together in one
+:class:`~rlhpo.trainees.batched.BatchedTrainee`; runs of other tasks (GRU,
+transformer) train one by one in this process, as ``DummyVecEnv`` would.
+
+Auto-reset follows SB3: when a slot's episode ends, ``info["terminal_observation"]``
+holds its last observation and the returned observation is the new episode's
+first; its run leaves the batch and the new episode's run joins its task's batch.
+
+:func:`make_vec_env` picks this env where the tasks allow it and falls back to
+SB3's ``DummyVecEnv`` / ``SubprocVecEnv`` of ``HPOEnv`` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
+
+from rlhpo.env import HPOEnv
+from rlhpo.runtime import limit_threads
+from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
+from rlhpo.trainees import IntervalStats, Trainee, build_trainee
+from rlhpo.trainees.batched import (
+    CHUNK_ELEMENTS,
+    BatchedRun,
+    BatchedTrainee,
+    supports_batching,
+)
+
+BACKENDS = ("auto", "batched", "dummy", "subproc")
+
+
+class RunPool:
+    """The training runs of a vector env's slots, batched per task where possible."""
+
+    def __init__(self, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+        self.exact = exact
+        self.chunk_elements = chunk_elements
+        self.groups: dict[str, BatchedTrainee] = {}
+
+    def new_run(self, task: TaskSpec, hp: dict[str, Any], seed: int) -> BatchedRun | Trainee:
+        if not supports_batching(task):
+            return build_trainee(task, hp, seed=seed)
+        group = self.groups.get(task.name)
+        if group is None or group.spec != task:
+            group = BatchedTrainee(task, exact=self.exact, chunk_elements=self.chunk_elements)
+            self.groups[task.name] = group
+        return group.add(hp, seed)
+
+    def train(self, requests: Sequence[tuple[Any, int]]) -> list[IntervalStats]:
+        """Train every ``(run, samples)``: batched runs together per task."""
+        out: list[IntervalStats | None] = [None] * len(requests)
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for i, (run, n) in enumerate(requests):
+            if isinstance(run, BatchedRun):
+                by_group[id(run.group)].append(i)
+            else:
+                out[i] = run.train(n)
+        for idx in by_group.values():
+            group = requests[idx[0]][0].group
+            for i, st in zip(idx, group.train([requests[i] for i in idx]), strict=True):
+                out[i] = st
+        return out  # type: ignore[return-value]
+
+    def evaluate(self, runs: Sequence[Any]) -> list[dict[str, float]]:
+        """Validation loss and score of every run."""
+        out: list[dict[str, float] | None] = [None] * len(runs)
+        by_group: dict[int, list[int]] = defaultdict(list)
+        for i, run in enumerate(runs):
+            if isinstance(run, BatchedRun):
+                by_group[id(run.group)].append(i)
+            else:
+                out[i] = run.evaluate()
+        for idx in by_group.values():
+            group = runs[idx[0]].group
+            for i, ev in zip(idx, group.evaluate([runs[i] for i in idx]), strict=True):
+                out[i] = ev
+        return out  # type: ignore[return-value]
+
+
+class SlotEnv(HPOEnv):
+    """One environment of a batched vector env: an ``HPOEnv`` whose runs of
+    batchable tasks live in the vector env's :class:`RunPool`.
+
+    Used on its own (``reset``/``step``) it behaves as an ``HPOEnv``; the vector
+    envs call ``_begin_step`` / ``_end_step`` around one joint training step.
+    """
+
+    def __init__(self, pool: RunPool, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pool = pool
+
+    def _make_trainee(self, task: TaskSpec, hp: dict[str, Any], seed: int):
+        self._release()
+        return self.pool.new_run(task, hp, seed)
+
+    def _release(self) -> None:
+        if isinstance(self.trainee, BatchedRun):
+            self.trainee.release()
+        self.trainee = None
+
+    def close(self) -> None:
+        self._release()
+        super().close()
+
+
+def _env_kwargs(
+    suite: str | Suite,
+    split: str,
+    tasks: Sequence[str] | None,
+    budget_scale: float,
+    compute_penalty: float,
+    divergence_penalty: float,
+    explode_factor: float,
+    freeze: Sequence[str],
+    timing: bool,
+) -> dict[str, Any]:
+    return {
+        "suite": suite if isinstance(suite, Suite) else load_suite(suite),
+        "split": split,
+        "tasks": list(tasks) if tasks else None,
+        "budget_scale": budget_scale,
+        "compute_penalty": compute_penalty,
+        "divergence_penalty": divergence_penalty,
+        "explode_factor": explode_factor,
+        "freeze": tuple(freeze),
+        "timing": timing,
+    }
+
+
+class _Slots:
+    """What both vector envs share: the slot envs, the pool and the joint step."""
+
+    def __init__(self, n_envs: int, exact: bool, chunk_elements: int, env_kwargs: dict):
+        if n_envs < 1:
+            raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+        limit_threads()
+        self.pool = RunPool(exact=exact, chunk_elements=chunk_elements)
+        self.envs = [SlotEnv(self.pool, **env_kwargs) for _ in range(n_envs)]
+
+    def step_all(self, actions: np.ndarray) -> list[tuple]:
+        """One step of every slot (without auto-reset): the 5-tuples of ``HPOEnv.step``."""
+        actions = np.asarray(actions)
+        if actions.shape[0] != len(self.envs):
+            raise ValueError(
+                f"actions must have one row per env ({len(self.envs)}), got shape {actions.shape}"
+            )
+        samples = [env._begin_step(a) for env, a in zip(self.envs, actions, strict=True)]
+        runs = [env.trainee for env in self.envs]
+        stats = self.pool.train(list(zip(runs, samples, strict=True)))
+        evals = self.pool.evaluate(runs)
+        return [env._end_step(st, ev) for env, st, ev in zip(self.envs, stats, evals, strict=True)]
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+class BatchedVecEnv(VecEnv):
+    """``n_envs`` ``rlhpo/HPO-v0`` environments as an SB3 ``VecEnv``, their models
+    trained together (see the module docstring).
+
+    Args:
+        n_envs: number of environments (slots).
+        suite, split, tasks, budget_scale, compute_penalty, divergence_penalty,
+            explode_factor, freeze, timing: as :class:`~rlhpo.env.HPOEnv`.
+        exact: replay the unbatched Trainee's dropout masks and Adam arithmetic
+            (slower; for checks). Off: same distributions, other random draws.
+        chunk_elements: cache-sized work unit of the batched backend.
+    """
+
+    def __init__(
+        self,
+        n_envs: int = 8,
+        suite: str | Suite = "default",
+        split: str = "train",
+        tasks: Sequence[str] | None = None,
+        budget_scale: float = 1.0,
+        compute_penalty: float = 0.1,
+        divergence_penalty: float = 0.5,
+        explode_factor: float = 10.0,
+        freeze: Sequence[str] = (),
+        timing: bool = False,
+        exact: bool = False,
+        chunk_elements: int = CHUNK_ELEMENTS,
+    ):
+        kw = _env_kwargs(
+            suite,
+            split,
+            tasks,
+            budget_scale,
+            compute_penalty,
+            divergence_penalty,
+            explode_factor,
+            freeze,
+            timing,
+        )
+        self.slots = _Slots(n_envs, exact, chunk_elements, kw)
+        self.envs = self.slots.envs
+        env = self.envs[0]
+        super().__init__(n_envs, env.observation_space, env.action_space)
+        self.buf_obs = np.zeros((n_envs, *env.observation_space.shape), dtype=np.float32)
+        self.buf_rews = np.zeros((n_envs,), dtype=np.float32)
+        self.buf_dones = np.zeros((n_envs,), dtype=bool)
+        self.buf_infos: list[dict[str, Any]] = [{} for _ in range(n_envs)]
+        self.metadata = env.metadata
+        self.actions: np.ndarray | None = None
+
+    # As DummyVecEnv: seeds and options set by seed()/set_options() apply to the
+    # next reset() only; auto-resets use each env's own generator.
+    def reset(self):
+        for i, env in enumerate(self.envs):
+            options = {"options": self._options[i]} if self._options[i] else {}
+            obs, self.reset_infos[i] = env.reset(seed=self._seeds[i], **options)
+            self.buf_obs[i] = obs
+        self._reset_seeds()
+        self._reset_options()
+        return self.buf_obs.copy()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.actions = actions
+
+    def step_wait(self):
+        if self.actions is None:
+            raise RuntimeError("call step_async() before step_wait()")
+        results = self.slots.step_all(self.actions)
+        self.actions = None
+        for i, (obs, rew, term, trunc, info) in enumerate(results):
+            self.buf_rews[i] = rew
+            self.buf_dones[i] = term or trunc
+            info["TimeLimit.truncated"] = trunc and not term
+            if self.buf_dones[i]:
+                info["terminal_observation"] = obs
+                obs, self.reset_infos[i] = self.envs[i].reset()
+            self.buf_obs[i] = obs
+            self.buf_infos[i] = info
+        return (
+            self.buf_obs.copy(),
+            self.buf_rews.copy(),
+            self.buf_dones.copy(),
+            list(self.buf_infos),
+        )
+
+    def close(self) -> None:
+        self.slots.close()
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None for _ in self.envs]
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self.envs[i], attr_name) for i in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        for i in self._get_indices(indices):
+            setattr(self.envs[i], attr_name, value)
+
+    def env_method(
+        self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs
+    ) -> list[Any]:
+        return [
+            getattr(self.envs[i], method_name)(*method_args, **method_kwargs)
+            for i in self._get_indices(indices)
+        ]
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None):
+        return [False for _ in self._get_indices(indices)]  # slots are bare envs
+
+
+class BatchedVectorEnv(gym.vector.VectorEnv):
+    """The same batched environments as a Gymnasium ``VectorEnv``.
+
+    Autoreset mode ``SAME_STEP``: a finished episode's last observation and info
+    are in ``infos["final_obs"]`` / ``infos["final_info"]`` (masked by
+    ``infos["_final_obs"]``) and the returned observation starts the next one.
+    Arguments as :class:`BatchedVecEnv`.
+    """
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+
+    def __init__(
+        self,
+        n_envs: int = 8,
+        exact: bool = False,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        **kwargs: Any,
+    ):
+        defaults = {
+            "suite": "default",
+            "split": "train",
+            "tasks": None,
+            "budget_scale": 1.0,
+            "compute_penalty": 0.1,
+            "divergence_penalty": 0.5,
+            "explode_factor": 10.0,
+            "freeze": (),
+            "timing": False,
+        }
+        unknown = set(kwargs) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown arguments {sorted(unknown)}; known: {sorted(defaults)}")
+        self.slots = _Slots(n_envs, exact, chunk_elements, _env_kwargs(**{**defaults, **kwargs}))
+        self.envs = self.slots.envs
+        self.num_envs = n_envs
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, n_envs)
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"seed list must have {self.num_envs} entries, got {len(seeds)}")
+        obs = np.zeros((self.num_envs, *self.single_observation_space.shape), dtype=np.float32)
+        infos: dict[str, Any] = {}
+        for i, env in enumerate(self.envs):
+            obs[i], info = env.reset(seed=seeds[i], options=options)
+            infos = self._add_info(infos, info, i)
+        return obs, infos
+
+    def step(self, actions):
+        results = self.slots.step_all(actions)
+        n = self.num_envs
+        obs = np.zeros((n, *self.single_observation_space.shape), dtype=np.float32)
+        rewards = np.zeros(n, dtype=np.float64)
+        terms = np.zeros(n, dtype=np.bool_)
+        truncs = np.zeros(n, dtype=np.bool_)
+        infos: dict[str, Any] = {}
+        for i, (o, r, term, trunc, info) in enumerate(results):
+            rewards[i], terms[i], truncs[i] = r, term, trunc
+            if term or trunc:
+                infos = self._add_info(infos, {"final_obs": o, "final_info": info}, i)
+                o, info = self.envs[i].reset()
+            obs[i] = o
+            infos = self._add_info(infos, info, i)
+        return obs, rewards, terms, truncs, infos
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.slots.close()
+
+
+def batchable_tasks(
+    suite: str | Suite = "default", split: str = "train", tasks: Sequence[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Names of the selected tasks that the batched backend trains, and the others."""
+    s = suite if isinstance(suite, Suite) else load_suite(suite)
+    specs = [s.task(t) for t in tasks] if tasks else s.split(split)
+    yes = [t.name for t in specs if supports_batching(t)]
+    return yes, [t.name for t in specs if not supports_batching(t)]
+
+
+def make_vec_env(
+    suite: str | Suite = "default",
+    split: str = "train",
+    n_envs: int = 8,
+    seed: int = 0,
+    *,
+    backend: str = "auto",
+    monitor: bool = True,
+    exact: bool = False,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    **env_kwargs: Any,
+) -> VecEnv:
+    """``n_envs`` tuning environments as an SB3 ``VecEnv``; env ``i`` is seeded
+    ``seed + i`` at the first ``reset()`` (as SB3's own ``make_vec_env``).
+
+    ``backend``:
+
+    - ``"auto"`` (default): :class:`BatchedVecEnv` if at least one selected task
+      is batchable (the others then train one by one inside it), else
+      ``SubprocVecEnv`` (``n_envs > 1``) or ``DummyVecEnv`` of ``HPOEnv``;
+    - ``"batched"``: :class:`BatchedVecEnv`, an error if no task is batchable;
+    - ``"dummy"`` / ``"subproc"``: SB3's vector envs of ``HPOEnv`` (one model per env;
+      ``SubprocVecEnv`` runs one process per env).
+
+    ``monitor`` wraps the result in SB3's ``VecMonitor`` (``info["episode"]``).
+    ``env_kwargs`` go to :class:`~rlhpo.env.HPOEnv` (``tasks``, ``budget_scale``,
+    ``compute_penalty``, ``divergence_penalty``, ``explode_factor``, ``freeze``,
+    ``timing``).
+    """
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if n_envs < 1:
+        raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+    yes, no = batchable_tasks(suite, split, env_kwargs.get("tasks"))
+    if backend == "batched" and not yes:
+        raise ValueError(f"backend 'batched' needs a batchable task (mlp, cnn1d); got {no}")
+    if backend == "auto":
+        backend = "batched" if yes else ("subproc" if n_envs > 1 else "dummy")
+    venv: VecEnv
+    if backend == "batched":
+        venv = BatchedVecEnv(
+            n_envs, suite, split, exact=exact, chunk_elements=chunk_elements, **env_kwargs
+        )
+    else:
+        kwargs = {"suite": suite, "split": split, **env_kwargs}
+        fns = [_HPOEnvFactory(kwargs) for _ in range(n_envs)]
+        venv = (
+            SubprocVecEnv(fns, start_method="forkserver")
+            if backend == "subproc"
+            else DummyVecEnv(fns)
+        )
+    venv.seed(seed)
+    return VecMonitor(venv) if monitor else venv
+
+
+class _HPOEnvFactory:
+    """Builds one ``HPOEnv`` (picklable, for subprocess workers)."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        self.kwargs = kwargs
+
+    def __call__(self) -> HPOEnv:
+        limit_threads()  # one torch thread in every worker (rlhpo.runtime)
+        return HPOEnv(**self.kwargs)

@@ -1,0 +1,430 @@
+"""The batched backend and the batched vector envs against the unbatched ones.
+
+Tolerances (stated in rlhpo/trainees/batched.py and README):
+- exact mode, MLP classification tasks: bitwise-equal weights to the Trainee;
+- exact mode, CNN tasks (im2col + bmm vs torch's conv): weights within 1e-3;
+- env observations and rewards, exact mode: within 1e-4 (measured <= 2e-6 over
+  whole 3%-budget episodes; train-loss sums run in another order) while training
+  is not chaotic. At lr ~0.1 on the CNNs it is: there, as between any two
+  float summation orders, episodes drift apart to statistically equal outcomes;
+- fast mode with dropout 0: fused Adam differs in the last bit: 1e-4;
+- fast mode with dropout > 0: other masks from the same distribution, so
+  statistical agreement only.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rlhpo.actions import ActionCodec
+from rlhpo.env import HPOEnv
+from rlhpo.trainees import build_trainee
+from rlhpo.trainees.batched import BatchedTrainee, _DropoutMasks, supports_batching
+from rlhpo.trainees.stacked import StackedNet, loss_and_grad
+from rlhpo.vec_env import BatchedVecEnv, BatchedVectorEnv, SlotEnv, make_vec_env
+
+TOL = 1e-4
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in params])
+
+
+@pytest.mark.parametrize("task", ["mnist1d-mlp", "mnist1d-cnn", "friedman-mlp"])
+def test_stacked_passes_equal_autograd_on_the_module(suite, task):
+    spec = suite.task(task)
+    group = BatchedTrainee(spec)
+    runs = [group.add({"dropout": 0.0}, seed=s) for s in range(3)]
+    models = [r.to_module() for r in runs]
+    net: StackedNet = group.net
+    P = [torch.stack(ps) for ps in zip(*(r.params for r in runs), strict=True)]
+    G = [torch.empty_like(p) for p in P]
+    idx = torch.randint(0, group.data.n_train, (3, 24), generator=torch.Generator().manual_seed(0))
+    x, y = group.data.x_train[idx], group.data.y_train[idx]
+    ctx: list = []
+    out = net.forward(P, x, None, ctx)
+    loss, dout = loss_and_grad(spec.metric, out, y, exact=True)
+    net.backward(P, G, dout, ctx)
+    exact = spec.model == "mlp" and spec.metric == "accuracy"
+    for i, m in enumerate(models):
+        o = m(x[i])
+        ref_loss = group.loss_fn(o, y[i])
+        m.zero_grad()
+        ref_loss.backward()
+        assert float(loss[i]) == pytest.approx(ref_loss.item(), abs=1e-6)
+        grads = net.params_of(_GradView(m))
+        for g_ref, g in zip(grads, G, strict=True):
+            if exact:
+                assert torch.equal(g_ref, g[i])
+            else:
+                torch.testing.assert_close(g[i], g_ref, atol=1e-6, rtol=1e-5)
+
+
+class _GradView(torch.nn.Module):
+    """A module whose named parameters are another module's gradients."""
+
+    def __init__(self, m: torch.nn.Module):
+        super().__init__()
+        self.m = m
+
+    def named_parameters(self, *a, **k):
+        return [(n, p.grad) for n, p in self.m.named_parameters()]
+
+
+def test_initialisation_equals_the_unbatched_model(suite):
+    for task in ("mnist1d-mlp", "digits-cnn"):
+        spec = suite.task(task)
+        group = BatchedTrainee(spec)
+        for seed in (0, 7):
+            run = group.add({"dropout": 0.2}, seed=seed)
+            tr = build_trainee(spec, {"dropout": 0.2}, seed=seed)
+            assert torch.equal(_flat(run.to_module().parameters()), _flat(tr.model.parameters()))
+            assert torch.equal(run.order.take(500), tr._next_indices(500))
+
+
+def _train_both(spec, exact, hps, seeds, schedule):
+    group = BatchedTrainee(spec, exact=exact)
+    runs = [group.add(h, seed=s) for h, s in zip(hps, seeds, strict=True)]
+    trs = [build_trainee(spec, h, seed=s) for h, s in zip(hps, seeds, strict=True)]
+    for n, change in schedule:
+        for r, t, ch in zip(runs, trs, change, strict=True):
+            r.set_hp(**ch)
+            t.set_hp(**ch)
+        got = group.train([(r, n) for r in runs])
+        want = [t.train(n) for t in trs]
+        for a, b in zip(got, want, strict=True):
+            assert (a.samples, a.steps, a.diverged) == (b.samples, b.steps, b.diverged)
+            assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+    return runs, trs, group
+
+
+HPS = [
+    {"lr": 3e-3, "batch_size": 32, "dropout": 0.2},
+    {"lr": 1e-3, "batch_size": 64, "dropout": 0.0},
+    {"lr": 1e-2, "batch_size": 32, "dropout": 0.1},
+    {"lr": 1e-4, "batch_size": 128, "dropout": 0.3},
+]
+# Intervals of 700 samples (partial last batches), with knob changes between them.
+SCHEDULE = [
+    (700, [{}, {}, {}, {}]),
+    (
+        700,
+        [
+            {"batch_size": 16},
+            {"dropout": 0.25},
+            {"lr": 2e-2, "batch_size": 64},
+            {"dropout": 0.0, "batch_size": 256},
+        ],
+    ),
+    (333, [{"lr": 1e-3}, {}, {"batch_size": 16}, {"dropout": 0.3}]),
+]
+
+
+def test_exact_mode_reproduces_the_trainee_bitwise_on_mlps(suite):
+    runs, trs, _ = _train_both(suite.task("mnist1d-mlp"), True, HPS, [1, 2, 3, 4], SCHEDULE)
+    for r, t in zip(runs, trs, strict=True):
+        assert torch.equal(_flat(r.to_module().parameters()), _flat(t.model.parameters()))
+        assert r.evaluate() == t.evaluate()
+        assert (r.samples_seen, r.optimizer_steps, r.hp) == (
+            t.samples_seen,
+            t.optimizer_steps,
+            t.hp,
+        )
+
+
+def test_exact_mode_follows_the_trainee_closely_on_cnns(suite):
+    runs, trs, _ = _train_both(suite.task("digits-cnn"), True, HPS, [1, 2, 3, 4], SCHEDULE)
+    for r, t in zip(runs, trs, strict=True):
+        # im2col + bmm sums in another order than torch's conv: ~1e-7 per step,
+        # grown to ~1e-4 after 1.7k samples at lr up to 2e-2.
+        torch.testing.assert_close(
+            _flat(r.to_module().parameters()), _flat(t.model.parameters()), atol=1e-3, rtol=0
+        )
+        a, b = r.evaluate(), t.evaluate()
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOL)
+        assert a["score"] == pytest.approx(b["score"], abs=2.5e-3)  # at most 1 val sample
+
+
+def test_fast_mode_without_dropout_follows_the_trainee(suite):
+    hps = [{**h, "dropout": 0.0} for h in HPS]
+    schedule = [
+        (n, [{k: v for k, v in c.items() if k != "dropout"} for c in ch]) for n, ch in SCHEDULE
+    ]
+    runs, trs, _ = _train_both(suite.task("mnist1d-mlp"), False, hps, [1, 2, 3, 4], schedule)
+    for r, t in zip(runs, trs, strict=True):
+        torch.testing.assert_close(
+            _flat(r.to_module().parameters()), _flat(t.model.parameters()), atol=TOL, rtol=0
+        )
+
+
+def test_fast_dropout_masks_have_nn_dropout_statistics(suite):
+    group = BatchedTrainee(suite.task("mnist1d-mlp"))
+    ps = [0.0, 0.1, 0.3, 0.5]
+    runs = [group.add({"dropout": p}, seed=i) for i, p in enumerate(ps)]
+    masks = _DropoutMasks(group, runs)
+    m = torch.stack([torch.stack(masks.draw(64, [0, 1, 2, 3])) for _ in range(40)])
+    n = m[:, :, 0].numel()
+    for i, p in enumerate(ps):
+        mi = m[:, :, i]
+        scale = float(torch.ones(()).div_(1.0 - p))  # float32, as nn.Dropout
+        assert set(torch.unique(mi).tolist()) <= {0.0, scale}
+        keep = float((mi > 0).float().mean())
+        assert abs(keep - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9
+    # runs draw independently: masks of two runs with the same p are not equal
+    other = group.add({"dropout": 0.3}, seed=99)
+    a, b = (torch.stack(_DropoutMasks(group, [r]).draw(64, [0])) for r in (runs[2], other))
+    assert not torch.equal(a, b)
+
+
+def test_fast_mode_with_dropout_agrees_statistically(suite):
+    spec = suite.task("digits-mlp")
+    hp = {"lr": 3e-3, "batch_size": 32, "dropout": 0.4}
+    seeds = list(range(8))
+    group = BatchedTrainee(spec)
+    runs = [group.add(hp, seed=s) for s in seeds]
+    group.train([(r, 3000) for r in runs])
+    fast = np.array([e["loss"] for e in group.evaluate(runs)])
+    ref = []
+    for s in seeds:
+        t = build_trainee(spec, hp, seed=s)
+        t.train(3000)
+        ref.append(t.evaluate()["loss"])
+    ref = np.array(ref)
+    assert not np.allclose(fast, ref)  # other masks...
+    spread = math.sqrt((fast.var(ddof=1) + ref.var(ddof=1)) / len(seeds))
+    assert abs(fast.mean() - ref.mean()) < 4 * spread + 0.02  # ...same distribution
+
+
+def test_a_diverging_run_stops_alone(suite):
+    spec = suite.task("clf-5class-mlp")
+    group = BatchedTrainee(spec, exact=True)
+    runs = [group.add({"dropout": 0.0}, seed=s) for s in range(3)]
+    trs = [build_trainee(spec, {"dropout": 0.0}, seed=s) for s in range(3)]
+    runs[1].params[0].fill_(float("inf"))
+    with torch.no_grad():
+        next(trs[1].model.parameters()).fill_(float("inf"))
+    got = group.train([(r, 500) for r in runs])
+    want = [t.train(500) for t in trs]
+    assert got[1].diverged and got[1].steps == 0 and math.isnan(got[1].train_loss)
+    assert (got[1].samples, want[1].samples) == (64, 64)
+    for i in (0, 2):
+        assert not got[i].diverged
+        assert torch.equal(
+            _flat(runs[i].to_module().parameters()), _flat(trs[i].model.parameters())
+        )
+    assert torch.equal(runs[1].order.take(100), trs[1]._next_indices(100))
+
+
+def test_bad_inputs_are_named(suite):
+    with pytest.raises(ValueError, match="cannot be batched: model 'gru'"):
+        BatchedTrainee(suite.task("seq-gru"))
+    group = BatchedTrainee(suite.task("wine-mlp"))
+    with pytest.raises(ValueError, match="unknown knobs"):
+        group.add({"momentum": 0.9})
+    run = group.add()
+    run.release()
+    with pytest.raises(ValueError, match="released"):
+        run.train(10)
+    with pytest.raises(ValueError, match="split must be"):
+        group.add().evaluate("holdout")
+    assert supports_batching(suite.task("digits-cnn"))
+    assert not supports_batching(suite.task("seq-transformer"))
+
+
+# -- vector envs -------------------------------------------------------------
+
+
+def _rollout(venv, steps, n, seed=0, calm=True):
+    rng = np.random.default_rng(seed)
+    venv.seed(11)
+    out = [venv.reset()]
+    rews, dones, infos = [], [], []
+    for _ in range(steps):
+        a = rng.integers(0, ActionCodec.NVEC, size=(n, 3))
+        if calm:
+            # lr x1/2 or x1 only: at lr ~0.1 CNN training is chaotic and float
+            # summation-order differences grow until episodes differ macroscopically.
+            a[:, 0] = rng.integers(1, 3, size=n)
+        obs, r, d, info = venv.step(a)
+        out.append(obs)
+        rews.append(r)
+        dones.append(d)
+        infos.append(info)
+    return np.array(out), np.array(rews), np.array(dones), infos
+
+
+def _dummy(n, **kw):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    return DummyVecEnv([lambda: HPOEnv(**kw) for _ in range(n)])
+
+
+def test_batched_vec_env_equals_separate_envs(suite):
+    # Batchable MLP and CNN tasks plus an unbatchable one (trained alone inside).
+    kw = {
+        "suite": suite,
+        "split": "all",
+        "tasks": ["mnist1d-mlp", "digits-cnn", "mnist1d-cnn", "wine-mlp", "seq-gru"],
+        "budget_scale": 0.03,
+    }
+    n, steps = 6, 24  # 20 intervals per episode: every slot auto-resets once
+    bo, br, bd, bi = _rollout(BatchedVecEnv(n, exact=True, **kw), steps, n)
+    do, dr, dd, di = _rollout(_dummy(n, **kw), steps, n)
+    np.testing.assert_array_equal(bd, dd)
+    assert bd.sum() >= n
+    np.testing.assert_allclose(bo, do, atol=TOL, rtol=0)
+    np.testing.assert_allclose(br, dr, atol=TOL, rtol=0)
+    tasks = set()
+    for ib, idd in zip(bi, di, strict=True):
+        for a, b in zip(ib, idd, strict=True):
+            tasks.add(a["task"])
+            assert a.keys() == b.keys()
+            for key in ("task", "interval", "samples", "optimizer_steps", "static_steps"):
+                assert a[key] == b[key]
+            assert a["hp"] == pytest.approx(b["hp"])
+            if "terminal_observation" in a:
+                np.testing.assert_allclose(
+                    a["terminal_observation"], b["terminal_observation"], atol=TOL
+                )
+    assert len(tasks) >= 3
+
+
+def test_episodes_of_different_lengths_reset_independently(write_suite):
+    text = """
+name = "lengths"
+train = ["short", "long"]
+test = []
+[defaults]
+metric = "accuracy"
+model = "mlp"
+default = { lr = 1e-3, batch_size = 32, dropout = 0.1 }
+space = { lr = [1e-5, 1e-1], batch_size = [16, 32, 64], dropout = [0.0, 0.5] }
+start = { lr = [1e-4, 1e-2], batch_size = [32], dropout = [0.0, 0.2] }
+[tasks.short]
+dataset = "wine"
+budget_samples = 300
+intervals = 3
+[tasks.long]
+dataset = "digits"
+model_args = { hidden = [32] }
+budget_samples = 500
+intervals = 5
+"""
+    path = write_suite(text)
+    n = 4
+    venv = BatchedVecEnv(n, suite=str(path), exact=True)
+    ref = _dummy(n, suite=str(path))
+    bo, br, bd, bi = _rollout(venv, 16, n, seed=3)
+    do, dr, dd, di = _rollout(ref, 16, n, seed=3)
+    np.testing.assert_array_equal(bd, dd)
+    np.testing.assert_allclose(bo, do, atol=TOL)
+    np.testing.assert_allclose(br, dr, atol=TOL)
+    lengths = {"short": set(), "long": set()}
+    count = [0] * n
+    for t, infos in enumerate(bi):
+        for i, info in enumerate(infos):
+            count[i] += 1
+            if bd[t, i]:
+                lengths[info["task"]].add(count[i])
+                count[i] = 0
+                # the returned observation starts a new episode: budget used 0
+                assert bo[t + 1, i, 0] == 0.0
+                assert info["terminal_observation"][0] == pytest.approx(1.0)
+    assert lengths == {"short": {3}, "long": {5}}
+    # every slot keeps its own schedule: not all slots reset together
+    assert any(0 < row.sum() < n for row in bd)
+
+
+def test_sb3_vec_env_contract_and_ppo_learns(suite):
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    venv = make_vec_env(
+        suite, "train", n_envs=4, seed=0, tasks=["wine-mlp", "clf-binary-mlp"], budget_scale=0.05
+    )
+    assert isinstance(venv, VecMonitor) and isinstance(venv.venv, BatchedVecEnv)
+    assert venv.get_attr("task_names")[0] == ["wine-mlp", "clf-binary-mlp"]
+    assert venv.env_is_wrapped(gym_wrapper()) == [False] * 4
+    venv.set_attr("compute_penalty", 0.2, indices=[1])
+    assert venv.get_attr("compute_penalty") == [0.1, 0.2, 0.1, 0.1]
+    venv.reset()
+    assert venv.env_method("test_score", indices=0)[0].keys() == {"loss", "score"}
+    model = PPO("MlpPolicy", venv, n_steps=32, batch_size=64, n_epochs=2, seed=0, device="cpu")
+    model.learn(total_timesteps=256)
+    assert model.num_timesteps >= 256
+    assert len(model.ep_info_buffer) > 0  # VecMonitor saw whole episodes
+    venv.close()
+
+
+def gym_wrapper():
+    import gymnasium as gym
+
+    return gym.Wrapper
+
+
+def test_gymnasium_vector_env_matches_the_sb3_one(suite):
+    kw = {"suite": suite, "tasks": ["wine-mlp"], "budget_scale": 0.05}
+    n = 3
+    genv = BatchedVectorEnv(n, exact=True, **kw)
+    senv = BatchedVecEnv(n, exact=True, **kw)
+    senv.seed(4)
+    so = senv.reset()
+    go, _ = genv.reset(seed=4)
+    np.testing.assert_array_equal(go, so)
+    rng = np.random.default_rng(0)
+    ended = 0
+    for _ in range(22):
+        a = rng.integers(0, ActionCodec.NVEC, size=(n, 3))
+        go, gr, gt, gtr, ginfo = genv.step(a)
+        so, sr, sd, sinfo = senv.step(a)
+        np.testing.assert_array_equal(go, so)
+        np.testing.assert_allclose(gr, sr, atol=1e-6)
+        np.testing.assert_array_equal(gt | gtr, sd)
+        if sd.any():
+            ended += int(sd.sum())
+            for i in np.flatnonzero(sd):
+                assert ginfo["_final_obs"][i]
+                np.testing.assert_array_equal(
+                    ginfo["final_obs"][i], sinfo[i]["terminal_observation"]
+                )
+    assert ended == n
+    assert genv.observation_space.shape == (n, 16)
+    genv.close()
+
+
+def test_make_vec_env_picks_a_backend(suite):
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    v = make_vec_env(suite, "all", n_envs=1, tasks=["seq-transformer"], budget_scale=0.02)
+    assert isinstance(v.venv, DummyVecEnv)
+    v = make_vec_env(suite, "all", n_envs=2, backend="dummy", tasks=["wine-mlp"], monitor=False)
+    assert isinstance(v, DummyVecEnv)
+    with pytest.raises(ValueError, match="backend 'batched' needs a batchable task"):
+        make_vec_env(suite, "all", backend="batched", tasks=["seq-gru"])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_vec_env(suite, backend="ray")
+    with pytest.raises(ValueError, match="n_envs must be >= 1, got 0"):
+        make_vec_env(suite, n_envs=0)
+
+
+def test_slot_env_alone_is_an_hpo_env(suite):
+    from rlhpo.vec_env import RunPool
+
+    kw = {"suite": suite, "tasks": ["digits-mlp"], "budget_scale": 0.05}
+    slot = SlotEnv(RunPool(exact=True), **kw)
+    ref = HPOEnv(**kw)
+    rng = np.random.default_rng(1)
+    o1, _ = slot.reset(seed=3)
+    o2, _ = ref.reset(seed=3)
+    np.testing.assert_array_equal(o1, o2)
+    for _ in range(5):
+        a = rng.integers(0, ActionCodec.NVEC)
+        o1, r1, *_ = slot.step(a)
+        o2, r2, *_ = ref.step(a)
+        np.testing.assert_allclose(o1, o2, atol=1e-6)
+        assert r1 == pytest.approx(r2, abs=1e-6)
+    group = slot.trainee.group
+    slot.reset(seed=4)
+    assert len(group.runs) == 1  # the previous episode's run left the batch
