@@ -134,8 +134,14 @@ class _RunState:
                 self._opt = []
             self._opt_keys, self._opt_other = keys, other
             self._opt = _copy_into(self._opt, live)
+            # Group values are numbers, flags and tuples (copy.copy keeps them); a
+            # tensor lr (capturable optimizers) is cloned.
             self._groups = [
-                {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                {
+                    k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.copy(v)
+                    for k, v in g.items()
+                    if k != "params"
+                }
                 for g in opt.param_groups
             ]
             self.restorable.append("optimizer")
@@ -148,8 +154,7 @@ class _RunState:
         """Put the run back into this state; returns what was restored."""
         done = []
         if "model" in self.restorable and ctl.model is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(_model_tensors(ctl.model), self._model)
+            _copy_tensors(_model_tensors(ctl.model), self._model)
             done.append("model")
         opt = ctl.optimizer
         if "optimizer" in self.restorable and opt is not None:
@@ -185,12 +190,22 @@ def _copy_into(buffers: list[torch.Tensor], live: list[torch.Tensor]) -> list[to
         b.shape == t.shape and b.dtype == t.dtype and b.device == t.device
         for b, t in zip(buffers, live, strict=True)
     )
-    with torch.no_grad():
-        if not same:
+    if not same:
+        with torch.no_grad():
             return [t.detach().clone() for t in live]
-        if live:
-            torch._foreach_copy_(buffers, [t.detach() for t in live])
+    _copy_tensors(buffers, live)
     return buffers
+
+
+def _copy_tensors(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        if not dst:
+            return
+        if hasattr(torch, "_foreach_copy_"):  # one fused call; a loop where it is missing
+            torch._foreach_copy_(dst, [t.detach() for t in src])
+        else:
+            for d, t in zip(dst, src, strict=True):
+                d.copy_(t)
 
 
 class Controller:

@@ -26,10 +26,13 @@ the Trainer reads ``args.gradient_accumulation_steps`` at every optimizer step
 optimizer steps per epoch, ``max_steps`` and the LR schedule's length when
 ``train()`` starts. Started with accumulation above 1, a later decrease would end
 each epoch early (its remaining batches skipped) and stop the run at ``max_steps``
-before the data is used. So the callback starts the Trainer at accumulation 1,
+before the data is used (measured with 15 micro-batches per epoch: started at 4
+then set to 1, epochs ran 4 micro-batches and training stopped at max_steps in
+epoch 3.4; started at 1 then set to 2, 4, 1, every epoch ran its 15 micro-batches
+in 8, 4 and 15 optimizer steps). So the callback starts the Trainer at accumulation 1,
 the most steps any batch size can take, and sets the starting batch from
 ``batch_size`` (or from the accumulation you configured, which it moves into
-``batch_size`` at ``Trainer`` creation). Consequences: every epoch uses all its
+``batch_size`` in :meth:`attach`). Consequences: every epoch uses all its
 data whatever the policy does, and a linear or cosine schedule is sized for
 accumulation 1, so it does not reach its end when batches are larger; the policy
 moves the lr level itself, and ``lr_scheduler_type="constant"`` avoids the issue.
@@ -77,7 +80,7 @@ class RLHPOCallback(TrainerCallback):
         budget_samples: training samples of the whole run (default: epochs x
             training set, or ``max_steps`` x starting batch).
         batch_size: starting effective batch size (default: micro-batch x the
-            accumulation configured at ``Trainer`` creation).
+            accumulation in ``TrainingArguments`` when :meth:`attach` runs).
         metric: ``"accuracy"`` or ``"r2"``; ``score_key`` defaults to ``eval_<metric>``.
         n_classes: classes for accuracy (default: ``model.config.num_labels``).
         loss_key / score_key: keys of the evaluation metrics to read.
