@@ -91,6 +91,7 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path):
         learning_rate=1e-3,
         lr_scheduler_type="linear",
         eval_strategy="epoch",
+        eval_on_start=True,  # the untrained model's evaluation: Controller.start()
         logging_strategy="epoch",
         save_strategy="no",
         use_cpu=True,
@@ -110,30 +111,32 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path):
     cb.attach(trainer)
     trainer.train()
 
-    # Batch size: 32 -> 64 -> 128 through accumulation 2 -> 4 -> 8; every epoch sees
-    # its 15 micro-batches, so the optimizer steps are ceil(15 / accumulation).
-    assert [e[0] for e in probe.epochs] == [2, 4, 8]
-    assert [e[2] for e in probe.epochs] == [8, 4, 2]
-    assert trainer.state.global_step == 14 and cb.samples == 720
-    # Dropout: 0.1 -> 0.2 -> 0.3 in every dropout module and in the config.
-    assert [e[1] for e in probe.epochs] == [[0.1], [pytest.approx(0.2)], [pytest.approx(0.3)]]
-    assert trainer.model.config.hidden_dropout_prob == pytest.approx(0.3)  # no change at the end
+    # Batch size: 32 at the start, then 64 -> 128 -> 256 through accumulation 4 -> 8 ->
+    # 16; every epoch sees its 15 micro-batches, in ceil(15 / accumulation) steps.
+    assert [e[0] for e in probe.epochs] == [4, 8, 16]
+    assert [e[2] for e in probe.epochs] == [4, 2, 1]
+    assert trainer.state.global_step == 7 and cb.samples == 720
+    # Dropout: 0.1 -> 0.2 -> 0.3 -> 0.4 in every dropout module and in the config.
+    assert [e[1] for e in probe.epochs] == [[0.2], [pytest.approx(0.3)], [pytest.approx(0.4)]]
+    assert trainer.model.config.hidden_dropout_prob == pytest.approx(0.4)  # none at the end
     # LR: doubled at each evaluation, and the linear schedule (sized for 45 steps at
     # accumulation 1) keeps applying to the new level at every later step.
     for step, lr in probe.lrs:
-        base = 1e-3 * (1 if step <= 8 else 2 if step <= 12 else 4)
+        base = 1e-3 * (2 if step <= 4 else 4 if step <= 6 else 8)
         assert lr == pytest.approx(base * (45 - step) / 45, rel=1e-6), step
-    assert [dd.batch_size for dd in cb.decisions] == [64, 128, 128]
+    assert [step for step, _ in probe.lrs] == list(range(1, 8))
+    assert [dd.batch_size for dd in cb.decisions] == [64, 128, 256, 256]
     assert cb.decisions[-1].done
     # BERT's head ignores num_items_in_batch: attach() made the Trainer divide by the
     # accumulation, so the training loss does not grow with the batch (ln 4 = 1.39).
     assert trainer.model_accepts_loss_kwargs is False
     losses = [r.train_loss for r in cb.controller.history.records]
-    assert len(losses) == 3 and all(0.5 < x < 2.0 for x in losses), losses
+    assert losses[0] is None and len(losses) == 4
+    assert all(0.5 < x < 2.0 for x in losses[1:]), losses
     # The applied hyperparameters went through trainer.log.
     logged = [h for h in trainer.state.log_history if "hp/batch_size" in h]
-    assert [h["hp/batch_size"] for h in logged] == [64.0, 128.0, 128.0]
-    assert [h["hp/accumulation"] for h in logged] == [4.0, 8.0, 8.0]
+    assert [h["hp/batch_size"] for h in logged] == [64.0, 128.0, 256.0, 256.0]
+    assert [h["hp/accumulation"] for h in logged] == [4.0, 8.0, 16.0, 16.0]
 
 
 def test_hf_callback_names_missing_metric(tmp_path):
