@@ -100,6 +100,7 @@ def ensure_ray(num_cpus: int = 2, address: str | None = None) -> bool:
 
 
 def n_intervals(spec: TaskSpec) -> int:
+    """Intervals (PBT iterations) in one run of ``spec``."""
     return math.ceil(spec.budget_samples / spec.interval_samples)
 
 

@@ -87,6 +87,7 @@ def start_hp(spec: TaskSpec, start: str) -> dict[str, Any]:
 
 
 def parse_starts(text: str) -> list[str]:
+    """Parse ``--starts`` (comma-separated names from :data:`STARTS`)."""
     starts = [s.strip() for s in text.split(",") if s.strip()]
     if not starts:
         raise MethodError(f"--starts must name at least one of {', '.join(STARTS)}, got {text!r}")

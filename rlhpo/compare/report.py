@@ -69,6 +69,7 @@ def typed(row: dict[str, str]) -> dict[str, Any]:
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Typed rows of a comparison CSV file (empty if it does not exist)."""
     if not path.exists():
         return []
     with open(path, newline="") as f:

@@ -211,6 +211,7 @@ def _fmt(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, int, str]:
+    """The cell a CSV row belongs to: (method, task, seed, start)."""
     return (
         str(row["method"]),
         str(row["task"]),
@@ -554,6 +555,9 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
                     f" | test {_short(out.row['norm_test_score'])} | {out.row['wall_time']:.1f} s"
                 )
             progress.update(task_id, advance=1, description=msg)
+            if not progress.console.is_terminal:  # logs get one line per cell instead
+                done_n = int(progress.tasks[0].completed)
+                progress.console.print(f"[{done_n}/{len(cells)}] {msg}", highlight=False)
 
     try:
         for c in ready:
@@ -662,6 +666,8 @@ def _progress(console, show: bool):
         TimeRemainingColumn(),
         TextColumn("{task.description}"),
         console=console,
+        # Without a terminal the bar is not redrawn; finish() prints a line per cell.
+        disable=not console.is_terminal,
     )
 
 
