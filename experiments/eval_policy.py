@@ -4,7 +4,8 @@ Every episode starts from the env's randomised start (learning rate log-uniform
 over the task's start range, so bad starts like 1e-5 are included; batch size and
 dropout drawn too). Each (task, seed) start is the same for every method: the env
 is reset with the same seed, which fixes the start, the model initialisation and
-the data order. Metrics per episode: final normalised validation score (0 chance,
+the data order; every task gets its own ``--seeds`` starts (env seed
+100000 + 1000 * task index + seed). Metrics per episode: final normalised validation score (0 chance,
 1 perfect; a diverged run counts 0), return (reward includes the compute charge),
 optimizer steps / steps at the task's default batch size, training wall time.
 Test splits are not touched.
@@ -32,10 +33,15 @@ from rlhpo.tasks import load_suite  # noqa: E402
 SEED_BASE = 100_000  # far from the seeds training resets used (seed + env index)
 
 
-def run_episode(env: HPOEnv, task: str, seed: int, method: str, policy=None) -> dict:
-    obs, info = env.reset(seed=SEED_BASE + seed, options={"task": task})
+def episode_seed(task_index: int, seed: int) -> int:
+    """A distinct env seed per (task, seed): each task gets its own random starts."""
+    return SEED_BASE + 1000 * task_index + seed
+
+
+def run_episode(env: HPOEnv, task: str, env_seed: int, method: str, policy=None) -> dict:
+    obs, info = env.reset(seed=env_seed, options={"task": task})
     start_lr = info["hp"]["lr"]
-    rng = np.random.default_rng(SEED_BASE + seed)
+    rng = np.random.default_rng(env_seed)
     ret, done = 0.0, False
     while not done:
         if method == "noop":
@@ -49,7 +55,7 @@ def run_episode(env: HPOEnv, task: str, seed: int, method: str, policy=None) -> 
         done = term or trunc
     return {
         "task": task,
-        "seed": seed,
+        "seed": env_seed,
         "method": method,
         "start_lr": start_lr,
         "final_score": float(info["val_norm_score"]),
@@ -97,7 +103,7 @@ def main() -> None:
     methods = [*policies, "random", "noop"]
     t0 = time.time()
     rows = []
-    for task in tasks:
+    for ti, task in enumerate(tasks):
         env = HPOEnv(
             suite,
             split="train",
@@ -108,7 +114,7 @@ def main() -> None:
         )
         for seed in range(a.seeds):
             for m in methods:
-                rows.append(run_episode(env, task, seed, m, policies.get(m)))
+                rows.append(run_episode(env, task, episode_seed(ti, seed), m, policies.get(m)))
         print(f"{task}: done ({time.time() - t0:.0f} s)", flush=True)
 
     by = defaultdict(list)
@@ -156,8 +162,9 @@ def main() -> None:
         for b in ("random", "noop"):
             d = np.array(
                 [
-                    key[(p, t, s)]["final_score"] - key[(b, t, s)]["final_score"]
-                    for t in tasks
+                    key[(p, t, episode_seed(ti, s))]["final_score"]
+                    - key[(b, t, episode_seed(ti, s))]["final_score"]
+                    for ti, t in enumerate(tasks)
                     for s in range(a.seeds)
                 ]
             )
@@ -179,9 +186,9 @@ def main() -> None:
         )
     lines += ["", "Per task, mean final val score (norm.):", ""]
     lines += ["| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-    for t in tasks:
+    for ti, t in enumerate(tasks):
         cells = [
-            f"{np.mean([key[(m, t, s)]['final_score'] for s in range(a.seeds)]):.3f}"
+            f"{np.mean([key[(m, t, episode_seed(ti, s))]['final_score'] for s in range(a.seeds)]):.3f}"
             for m in methods
         ]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
