@@ -328,6 +328,8 @@ def train(
         _fail(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
     overrides = list(set_ or [])
     if n_envs is not None:
+        if agent != "ppo":
+            _fail(f"--n-envs applies to ppo only (reinforce runs one env), got --agent {agent}")
         overrides.append(f"n_envs={n_envs}")
     if (Path(out) / CHECKPOINT).exists() and not resume:
         _fail(

@@ -258,6 +258,7 @@ def test_train_refuses_test_split(tmp_path):
     assert r.exit_code == 2 and "test tasks are never used" in r.output
 
 
+@pytest.mark.slow
 def test_eval_and_plot_scripts_run(tmp_path):
     """Smoke: the committed experiment scripts run end to end on a tiny budget."""
     out = tmp_path / "run"
