@@ -19,10 +19,13 @@ _MARKERS = "osD^v<>PXh*p"
 
 
 def _colors(methods: list[str]) -> dict[str, Any]:
+    """Distinct colours: tab10, then Dark2 (tab20's light twins are hard to tell apart)."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    palette = list(matplotlib.colormaps["tab10"].colors) + list(
+        matplotlib.colormaps["Dark2"].colors
+    )
+    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
 
 
 def write_plots(
@@ -120,7 +123,7 @@ def score_vs_compute(path: Path, report, rows, trials, colors) -> Path:
             ax.fill_between(
                 x, [r[3] for r in c], [r[4] for r in c], color=colors[e.method], alpha=0.12
             )
-            for k in (1, 5, 10, 20, 50):
+            for k in sorted({1, 5, 10, 20, 50, len(c)}):
                 if k <= len(c):
                     ax.annotate(
                         f"k={k}",

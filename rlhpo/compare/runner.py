@@ -542,7 +542,7 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
             ran += 1
         if cell.key in is_ref:
             refs[(cell.spec.name, cell.seed)] = _cost(out.row) if out else None
-            for c in waiting.pop((cell.spec.name, cell.seed), []):
+            for c in sorted(waiting.pop((cell.spec.name, cell.seed), []), key=_cost_guess):
                 c.reference = refs[(cell.spec.name, cell.seed)]
                 if c.method.kind == "pbt":
                     in_driver.append(c)
@@ -560,7 +560,7 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
                 progress.console.print(f"[{done_n}/{len(cells)}] {msg}", highlight=False)
 
     try:
-        for c in ready:
+        for c in sorted(ready, key=lambda c: (not c.is_reference, _cost_guess(c))):
             ex.submit(c)
         while ex.busy:
             for cell, out, err in ex.wait():
@@ -634,6 +634,16 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
         plots=report.plots,
         report=report,
     )
+
+
+def _cost_guess(cell: Cell) -> float:
+    """Sort key: long cells first (an Optuna study started last would run alone at
+    the end while the other workers idle)."""
+    m = cell.method
+    runs = m.n if m.kind == "optuna" else 3.0 if m.kind == "static" and m.min_batch else 1.0
+    if m.kind == "static" and m.batch_size is not None:
+        runs = max(1.0, cell.spec.default["batch_size"] / m.batch_size)
+    return -runs * cell.spec.budget_samples
 
 
 def _cost(row: dict[str, Any]) -> dict[str, float]:
