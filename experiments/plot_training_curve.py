@@ -33,8 +33,17 @@ def main() -> None:
     ap.add_argument("--title", default=None)
     a = ap.parse_args()
     recs = [json.loads(line) for line in open(a.log) if line.strip()]
-    eps = [r for r in recs if "agent/episode_return" in r]
-    upd = [r for r in recs if "agent/entropy" in r and "agent/episode_return" not in r]
+    eps: list[dict] = []
+    upd: list[dict] = []
+    for r in recs:
+        if r.get("event") == "resume":
+            # Work logged after the last checkpoint was lost in the kill and redone.
+            eps = [e for e in eps if e["timesteps"] <= r["timesteps"]]
+            upd = [u for u in upd if u["timesteps"] <= r["timesteps"]]
+        elif "agent/episode_return" in r:
+            eps.append(r)
+        elif "agent/entropy" in r:
+            upd.append(r)
     if not eps:
         raise SystemExit(f"{a.log} holds no finished episodes")
     ts = np.array([r["timesteps"] for r in eps])

@@ -215,6 +215,19 @@ def test_kill_then_resume_continues(tmp_path):
     assert load_policy(out / "policy").manifest["timesteps"] == m["timesteps"]
 
 
+def test_resume_in_process_without_normalisation(tmp_path):
+    s = tiny_ppo(norm_obs=False, norm_reward=False)
+    out = tmp_path / "run"
+    first = train_ppo(s, out, timesteps=40, use_wandb=False, show_progress=False)
+    _, meta = load_checkpoint(out)
+    assert meta["timesteps"] == first["timesteps"] == 40 and meta["vecnorm"] == {}
+    info = train_ppo(s, out, timesteps=120, resume=True, use_wandb=False, show_progress=False)
+    assert info["timesteps"] >= 120 and info["resumes"] == 1
+    assert info["episodes"] > first["episodes"]
+    net = load_policy(out / "policy").net
+    assert torch.equal(net.obs_mean, torch.zeros(16)) and torch.equal(net.obs_std, torch.ones(16))
+
+
 def test_policy_info_validates_weights(tmp_path):
     from rlhpo.policy import PolicyNet, save_policy
 

@@ -287,7 +287,7 @@ class _PPORun:
         self.resumes = int(meta.get("resumes", 0)) + 1
         # Episodes in flight at the kill are gone: every env restarts from a fresh
         # reset, seeded so a resumed run does not replay the episodes it began with.
-        self.venv.seed(self.seed + int(meta["timesteps"]))
+        m.get_env().seed(self.seed + int(meta["timesteps"]))
         set_rng_state(tensors, meta["rng"])
 
 
