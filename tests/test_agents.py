@@ -261,8 +261,8 @@ def test_recipes_and_overrides():
     s = load_settings("ppo", overrides=["n_envs=1", "vec_env=dummy", 'freeze=["dropout"]'])
     assert s.n_envs == 1 and s.vec_env == "dummy" and s.freeze == ("dropout",)
     assert s.hidden == (64, 64) and s.compute_penalty == 0.1
-    r = load_settings("reinforce", overrides=["learning_rate=0.01"])
-    assert r.learning_rate == 0.01 and r.episodes_per_batch == 8
+    r = load_settings("reinforce", overrides=["learning_rate=0.05"])
+    assert r.learning_rate == 0.05 and r.episodes_per_batch == 4
     with pytest.raises(ValueError, match=r"unknown PPOSettings setting\(s\) \['nenvs'\]"):
         load_settings("ppo", overrides=["nenvs=1"])
     with pytest.raises(ValueError, match="n_envs must be an integer, got 'x'"):

@@ -54,9 +54,9 @@ class ReinforceSettings:
     """Env's charge for optimizer steps above the default batch size's (see HPOEnv)."""
     freeze: tuple[str, ...] = ()
     """Knobs the policy may not change (ablations)."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     """Adam learning rate of the policy."""
-    episodes_per_batch: int = 8
+    episodes_per_batch: int = 4
     """Episodes per policy-gradient update."""
     gamma: float = 1.0
     """Discount of the return-to-go (1: final minus current validation score)."""
