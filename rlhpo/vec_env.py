@@ -15,8 +15,10 @@ Auto-reset follows SB3: when a slot's episode ends, ``info["terminal_observation
 holds its last observation and the returned observation is the new episode's
 first; its run leaves the batch and the new episode's run joins its task's batch.
 
-:func:`make_vec_env` picks this env where the tasks allow it and falls back to
-SB3's ``DummyVecEnv`` / ``SubprocVecEnv`` of ``HPOEnv`` otherwise.
+:class:`ShardedVecEnv` splits the slots over worker processes (one per free core),
+each a ``BatchedVecEnv``. :func:`make_vec_env` picks these envs where the tasks
+allow it and falls back to SB3's ``DummyVecEnv`` / ``SubprocVecEnv`` of ``HPOEnv``
+otherwise.
 """
 
 from __future__ import annotations
@@ -280,6 +282,172 @@ class BatchedVecEnv(VecEnv):
         return [False for _ in self._get_indices(indices)]  # slots are bare envs
 
 
+def _shard_worker(remote, parent_remote, kwargs: dict[str, Any]) -> None:
+    """A worker process of :class:`ShardedVecEnv`: one BatchedVecEnv, driven by pipe."""
+    import traceback
+
+    parent_remote.close()
+    limit_threads()  # one torch thread per process (rlhpo.runtime)
+    env = None
+    try:
+        env = BatchedVecEnv(**kwargs)
+        remote.send(("ok", (env.observation_space, env.action_space)))
+        while True:
+            cmd, data = remote.recv()
+            if cmd == "close":
+                break
+            if cmd == "reset":
+                env._seeds, env._options = data
+                out = (env.reset(), list(env.reset_infos))
+            elif cmd == "step":
+                out = env.step(data) + (list(env.reset_infos),)
+            elif cmd == "get_attr":
+                out = env.get_attr(*data)
+            elif cmd == "set_attr":
+                out = env.set_attr(*data)
+            elif cmd == "env_method":
+                name, args, kw, idx = data
+                out = env.env_method(name, *args, indices=idx, **kw)
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            remote.send(("ok", out))
+    except (KeyboardInterrupt, EOFError):
+        pass
+    except Exception:  # report, do not hang the parent
+        remote.send(("error", traceback.format_exc()))
+    finally:
+        if env is not None:
+            env.close()
+        remote.close()
+
+
+class ShardedVecEnv(VecEnv):
+    """A :class:`BatchedVecEnv` split over ``n_procs`` worker processes, one core each.
+
+    Slot ``i`` lives in one worker and keeps the semantics (and, for the same
+    seed, the episodes) it has in a single-process ``BatchedVecEnv``; each worker
+    batches its own slots. Arguments as :class:`BatchedVecEnv`, plus ``n_procs``.
+    """
+
+    def __init__(
+        self, n_envs: int = 8, n_procs: int = 2, start_method: str | None = None, **kwargs: Any
+    ):
+        import multiprocessing as mp
+
+        if not 1 <= n_procs <= n_envs:
+            raise ValueError(f"n_procs must be in [1, n_envs={n_envs}], got {n_procs}")
+        sizes = [n_envs // n_procs + (i < n_envs % n_procs) for i in range(n_procs)]
+        self.bounds = np.cumsum([0] + sizes)
+        if start_method is None:  # as SB3: forkserver where there is one (fork + torch is unsafe)
+            start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        ctx = mp.get_context(start_method)
+        self.closed = False
+        self.remotes, self.procs = [], []
+        for size in sizes:
+            remote, work = ctx.Pipe()
+            proc = ctx.Process(
+                target=_shard_worker, args=(work, remote, {**kwargs, "n_envs": size}), daemon=True
+            )
+            proc.start()
+            work.close()
+            self.remotes.append(remote)
+            self.procs.append(proc)
+        spaces = [self._recv(r) for r in self.remotes]
+        super().__init__(n_envs, *spaces[0])
+
+    def _recv(self, remote):
+        status, out = remote.recv()
+        if status == "error":
+            self.close()
+            raise RuntimeError(f"a ShardedVecEnv worker failed:\n{out}")
+        return out
+
+    def _slices(self):
+        return [slice(a, b) for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True)]
+
+    def reset(self):
+        for remote, sl in zip(self.remotes, self._slices(), strict=True):
+            remote.send(("reset", (self._seeds[sl], self._options[sl])))
+        obs, infos = [], []
+        for remote in self.remotes:
+            o, ri = self._recv(remote)
+            obs.append(o)
+            infos += ri
+        self.reset_infos = infos
+        self._reset_seeds()
+        self._reset_options()
+        return np.concatenate(obs)
+
+    def step_async(self, actions: np.ndarray) -> None:
+        actions = np.asarray(actions)
+        for remote, sl in zip(self.remotes, self._slices(), strict=True):
+            remote.send(("step", actions[sl]))
+
+    def step_wait(self):
+        parts = [self._recv(r) for r in self.remotes]
+        self.reset_infos = [i for p in parts for i in p[4]]
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]),
+            [i for p in parts for i in p[3]],
+        )
+
+    def _route(self, indices: VecEnvIndices) -> list[tuple[int, list[int], list[int]]]:
+        """(worker, positions in the answer, local indices) for the given slots."""
+        routes: dict[int, tuple[list[int], list[int]]] = {}
+        for pos, i in enumerate(self._get_indices(indices)):
+            w = int(np.searchsorted(self.bounds, i, side="right") - 1)
+            routes.setdefault(w, ([], []))
+            routes[w][0].append(pos)
+            routes[w][1].append(int(i - self.bounds[w]))
+        return [(w, pos, loc) for w, (pos, loc) in routes.items()]
+
+    def _call(self, cmd: str, make, indices: VecEnvIndices) -> list[Any]:
+        routes = self._route(indices)
+        for w, _, loc in routes:
+            self.remotes[w].send((cmd, make(loc)))
+        out: list[Any] = [None] * sum(len(pos) for _, pos, _ in routes)
+        for w, pos, _ in routes:
+            res = self._recv(self.remotes[w])
+            for p, r in zip(pos, res if res is not None else [None] * len(pos), strict=True):
+                out[p] = r
+        return out
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return self._call("get_attr", lambda loc: (attr_name, loc), indices)
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        self._call("set_attr", lambda loc: (attr_name, value, loc), indices)
+
+    def env_method(
+        self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs
+    ) -> list[Any]:
+        return self._call(
+            "env_method", lambda loc: (method_name, method_args, method_kwargs, loc), indices
+        )
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None):
+        return [False for _ in self._get_indices(indices)]
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None for _ in range(self.num_envs)]
+
+    def close(self) -> None:
+        if getattr(self, "closed", True):
+            return
+        self.closed = True
+        for remote in self.remotes:
+            try:
+                remote.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+
+
 class BatchedVectorEnv(gym.vector.VectorEnv):
     """The same batched environments as a Gymnasium ``VectorEnv``.
 
@@ -372,6 +540,7 @@ def make_vec_env(
     seed: int = 0,
     *,
     backend: str = "auto",
+    n_procs: int = 1,
     monitor: bool = True,
     exact: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
@@ -388,6 +557,9 @@ def make_vec_env(
     - ``"batched"``: :class:`BatchedVecEnv`, an error if no task is batchable;
     - ``"dummy"`` / ``"subproc"``: SB3's vector envs of ``HPOEnv`` (one model per env;
       ``SubprocVecEnv`` runs one process per env).
+
+    ``n_procs > 1`` splits the batched env over that many worker processes
+    (:class:`ShardedVecEnv`): one per free core.
 
     ``monitor`` wraps the result in SB3's ``VecMonitor`` (``info["episode"]``).
     ``env_kwargs`` go to :class:`~rlhpo.env.HPOEnv` (``tasks``, ``budget_scale``,
@@ -406,7 +578,17 @@ def make_vec_env(
     if backend == "auto":
         backend = "batched" if yes else ("subproc" if n_envs > 1 else "dummy")
     venv: VecEnv
-    if backend == "batched":
+    if backend == "batched" and n_procs > 1:
+        venv = ShardedVecEnv(
+            n_envs,
+            n_procs,
+            suite=suite,
+            split=split,
+            exact=exact,
+            chunk_elements=chunk_elements,
+            **env_kwargs,
+        )
+    elif backend == "batched":
         venv = BatchedVecEnv(
             n_envs, suite, split, exact=exact, chunk_elements=chunk_elements, **env_kwargs
         )

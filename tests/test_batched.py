@@ -23,7 +23,13 @@ from rlhpo.env import HPOEnv
 from rlhpo.trainees import build_trainee
 from rlhpo.trainees.batched import BatchedTrainee, _DropoutMasks, supports_batching
 from rlhpo.trainees.stacked import StackedNet, loss_and_grad
-from rlhpo.vec_env import BatchedVecEnv, BatchedVectorEnv, SlotEnv, make_vec_env
+from rlhpo.vec_env import (
+    BatchedVecEnv,
+    BatchedVectorEnv,
+    ShardedVecEnv,
+    SlotEnv,
+    make_vec_env,
+)
 
 TOL = 1e-4
 
@@ -428,3 +434,25 @@ def test_slot_env_alone_is_an_hpo_env(suite):
     group = slot.trainee.group
     slot.reset(seed=4)
     assert len(group.runs) == 1  # the previous episode's run left the batch
+
+
+def test_sharded_vec_env_equals_the_single_process_one(suite):
+    kw = {"suite": suite, "tasks": ["wine-mlp", "digits-mlp"], "budget_scale": 0.03}
+    n = 5
+    sharded = make_vec_env(n_envs=n, n_procs=2, exact=True, monitor=False, **kw)
+    assert isinstance(sharded, ShardedVecEnv)
+    try:
+        so, sr, sd, si = _rollout(sharded, 22, n)
+        bo, br, bd, bi = _rollout(BatchedVecEnv(n, exact=True, **kw), 22, n)
+        np.testing.assert_array_equal(sd, bd)
+        np.testing.assert_allclose(so, bo, atol=1e-6)
+        np.testing.assert_allclose(sr, br, atol=1e-6)
+        assert [i["task"] for i in si[-1]] == [i["task"] for i in bi[-1]]
+        assert sharded.get_attr("task_names", indices=[4])[0] == ["wine-mlp", "digits-mlp"]
+        sharded.set_attr("compute_penalty", 0.3, indices=[0, 3])
+        assert sharded.get_attr("compute_penalty") == [0.3, 0.1, 0.1, 0.3, 0.1]
+        scores = sharded.env_method("test_score", indices=[1, 4])
+        assert len(scores) == 2 and all(set(x) == {"loss", "score"} for x in scores)
+    finally:
+        sharded.close()
+    assert all(not p.is_alive() for p in sharded.procs)

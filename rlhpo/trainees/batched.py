@@ -20,9 +20,10 @@ How runs are trained together (:meth:`BatchedTrainee.train`):
   rows; padding to the largest batch wasted up to 2x the work with the random
   batch sizes a policy visits, and gradient accumulation changes the float
   summation order of every step.
-- Groups are cut into chunks small enough that a chunk's activations stay in
-  the CPU's L2 cache (``chunk_elements``): measured, a [32, 64, 128] elementwise
-  op took 15x the time of a [8, 64, 128] one on this machine.
+- Groups are cut into chunks of at most ``chunk_elements`` elements in their
+  widest layer output, so that a chunk's working set stays near the CPU's L2
+  cache: measured, a [32, 64, 128] elementwise op took 15x the time of a
+  [8, 64, 128] one on this machine.
 - Adam/AdamW: ``torch._fused_adam_`` per run (per-run learning rate and step
   count, one fused pass over its tensors), or with ``exact=True`` the
   single-tensor arithmetic of ``torch.optim.Adam`` applied to the stacked
@@ -69,9 +70,10 @@ Tensor = torch.Tensor
 
 BATCHED_MODELS = ("mlp", "cnn1d")
 BATCHED_OPTIMIZERS = ("adam", "adamw", "sgd")
-# Activation elements per chunk (~256 KiB of float32): keeps a chunk's working set
-# in L2. Measured best among 16K..256K for the MNIST-1D MLP and CNN (throughput.py).
-CHUNK_ELEMENTS = 65536
+# Elements of a chunk's widest layer output (1 MiB of float32). Smaller chunks keep
+# the working set in L2 but pay per-op overhead on fewer models; measured best
+# among 64K..4M on the MNIST-1D MLP and CNN (experiments/throughput.py --chunks).
+CHUNK_ELEMENTS = 262144
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 _ADAMW_DECAY = 0.01  # as rlhpo.trainees.trainee.make_optimizer
@@ -447,7 +449,7 @@ class _DropoutMasks:
     """Per-run dropout masks for each dropout site of a chunk, each step."""
 
     # int16 draws per run and site fetched at once (numpy call overhead amortised).
-    BLOCK = 1 << 16
+    BLOCK = 1 << 15
 
     def __init__(self, group: BatchedTrainee, runs: list[BatchedRun]):
         self.group, self.runs = group, runs
@@ -458,27 +460,39 @@ class _DropoutMasks:
             return
         keep = [1.0 - p for p in self.p]
         # nn.Dropout scales kept units by 1 / (1 - p), computed in float32.
-        self.scale = [float(torch.ones(()).div_(q)) for q in keep]
+        self.scale = np.array([float(torch.ones(()).div_(q)) for q in keep], np.float32)[:, None]
         # Keep a unit when a uniform 16-bit integer (read as int16) is below this:
-        # probability round(q * 2**16) / 2**16.
-        self.threshold = [np.int16(min(round(q * 65536) - 32768, 32767)) for q in keep]
+        # probability round(q * 2**16) / 2**16; runs with p = 0 keep everything.
+        self.threshold = np.array([min(round(q * 65536) - 32768, 32767) for q in keep], np.int16)[
+            :, None
+        ]
+        self.no_dropout = [i for i, p in enumerate(self.p) if p <= 0]
         self.bufs: dict[tuple[int, int], Tensor] = {}
-        self.bits = [[np.empty(0, np.int16) for _ in self.sites] for _ in runs]
+        # Fast mode: each run's bits, one row per run, consumed in lockstep.
+        self.bits = [np.empty((len(runs), 0), np.int16) for _ in self.sites]
+        self.cursor = [0 for _ in self.sites]
 
     def _buffer(self, site_i: int, b: int) -> Tensor:
-        # Rows of models with p = 0 (or stopped) stay 1: filled once per buffer.
         key = (site_i, b)
         if key not in self.bufs:
             self.bufs[key] = torch.ones(len(self.runs), b, *self.sites[site_i].shape)
         return self.bufs[key]
 
-    def _bits(self, i: int, s: int, n: int) -> np.ndarray:
-        have = self.bits[i][s]
-        if len(have) < n:
-            raw = self.runs[i].dropout_rng.random_raw((max(n, self.BLOCK) + 3) // 4)
-            have = np.concatenate([have, raw.view(np.int16)])
-        self.bits[i][s] = have[n:]
-        return have[:n]
+    def _bits(self, s: int, n: int) -> np.ndarray:
+        c, have = self.cursor[s], self.bits[s]
+        if c + n > have.shape[1]:
+            # Every row from its own run's generator, so a run's masks depend on
+            # its seed and its own batch sizes only, never on the other runs.
+            width = max(n, self.BLOCK)
+            have = np.stack(
+                [
+                    r.dropout_rng.random_raw((width + 3) // 4).view(np.int16)[:width]
+                    for r in self.runs
+                ]
+            )
+            self.bits[s], c = have, 0
+        self.cursor[s] = c + n
+        return have[:, c : c + n]
 
     def draw(self, b: int, alive: list[int]) -> list[Tensor | None] | None:
         if not self.active:
@@ -487,17 +501,17 @@ class _DropoutMasks:
         for s, site in enumerate(self.sites):
             f = site.features
             buf = self._buffer(s, b)
-            view = buf.numpy().reshape(len(self.runs), b * f)
-            for i in alive:
-                p = self.p[i]
-                if p <= 0:
-                    continue  # nn.Dropout draws nothing at p = 0
-                if self.group.exact:
-                    rng = self.runs[i].dropout_rng
-                    m = torch.empty(b, f).bernoulli_(1 - p, generator=rng).div_(1 - p)
-                    buf[i] = site.from_module_order(m).view(buf.shape[1:])
-                else:
-                    bits = self._bits(i, s, b * f)
-                    np.multiply(np.less(bits, self.threshold[i]), self.scale[i], out=view[i])
+            if self.group.exact:
+                for i in alive:
+                    p = self.p[i]
+                    if p > 0:  # nn.Dropout draws nothing at p = 0
+                        rng = self.runs[i].dropout_rng
+                        m = torch.empty(b, f).bernoulli_(1 - p, generator=rng).div_(1 - p)
+                        buf[i] = site.from_module_order(m).view(buf.shape[1:])
+            else:
+                keep = np.less(self._bits(s, b * f), self.threshold)
+                if self.no_dropout:
+                    keep[self.no_dropout] = True
+                np.multiply(keep, self.scale, out=buf.numpy().reshape(len(self.runs), b * f))
             masks.append(buf)
         return masks

@@ -93,9 +93,10 @@ class _Conv1d:
     def _cols(self, x: Tensor) -> Tensor:
         k, b = x.shape[0], x.shape[1]
         xp = F.pad(x, (0, 0, self.pad, self.pad)) if self.pad else x
-        # [k, b, L_out, C_in, K]: the same (C_in, K) order as the weight's last dims.
-        cols = xp.unfold(2, self.kernel, self.stride)
-        return cols.reshape(k, b * self.l_out, self.c_in * self.kernel)
+        # [k, b, L_out, K, C_in]: the (K, C_in) order of the stacked weight
+        # [C_out, K, C_in], so that col2im below adds contiguous C_in rows.
+        cols = xp.unfold(2, self.kernel, self.stride).transpose(3, 4)
+        return cols.reshape(k, b * self.l_out, self.kernel * self.c_in)
 
     def forward(self, P: list[Tensor], x: Tensor, ctx: list) -> Tensor:
         k, b = x.shape[0], x.shape[1]
@@ -115,11 +116,11 @@ class _Conv1d:
         if not self.need_dx:
             return None
         dcols = torch.bmm(dy2, P[self.pi].view(k, self.c_out, -1))
-        dcols = dcols.view(k, b, self.l_out, self.c_in, self.kernel)
+        dcols = dcols.view(k, b, self.l_out, self.kernel, self.c_in)
         dxp = dy.new_zeros(k, b, self.length + 2 * self.pad, self.c_in)
         span = self.stride * (self.l_out - 1) + 1
         for j in range(self.kernel):  # col2im: add each tap back where it was read
-            dxp[:, :, j : j + span : self.stride, :] += dcols[..., j]
+            dxp[:, :, j : j + span : self.stride, :].add_(dcols[:, :, :, j, :])
         return dxp[:, :, self.pad : self.pad + self.length, :]
 
 
@@ -167,7 +168,7 @@ class StackedNet:
     maps: list[_ParamMap] = field(default_factory=list)
     sites: list[DropoutSite] = field(default_factory=list)
     shapes: list[tuple[int, ...]] = field(default_factory=list)
-    widest: int = 1  # largest activation (elements per sample), for chunk sizing
+    widest: int = 1  # largest layer output (elements per sample), for chunk sizing
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -214,13 +215,13 @@ class StackedNet:
             elif isinstance(m, nn.Conv1d):
                 layer = _Conv1d(len(net.maps), m, act[0], need_dx)
                 net.maps += [
-                    _ParamMap(name + ".weight", _same, _same),
+                    _ParamMap(name + ".weight", _conv_to, _conv_to),  # [C_out, K, C_in]
                     _ParamMap(name + ".bias", _bias_to, _bias_from),
                 ]
-                net.shapes += [tuple(m.weight.shape), (1, m.out_channels)]
+                c_out, c_in, kernel = m.weight.shape
+                net.shapes += [(c_out, kernel, c_in), (1, m.out_channels)]
                 net.layers.append(layer)
                 act = (layer.l_out, layer.c_out)
-                net.widest = max(net.widest, layer.l_out * layer.c_in * layer.kernel)
             elif isinstance(m, nn.ReLU):
                 # Dropout right after the ReLU, or after a Flatten (the CNN head), is
                 # folded into it: elementwise, so it commutes with the flatten.
@@ -313,6 +314,11 @@ class StackedNet:
 
 def _same(t: Tensor) -> Tensor:
     return t
+
+
+def _conv_to(w: Tensor) -> Tensor:
+    # [C_out, C_in, K] <-> [C_out, K, C_in] (its own inverse)
+    return w.transpose(1, 2)
 
 
 def _bias_to(b: Tensor) -> Tensor:

@@ -1,0 +1,528 @@
+"""Throughput of the tuning environments: one model per env vs the batched backend.
+
+    python experiments/throughput.py [--tasks mnist1d-mlp,mnist1d-cnn] [--ns 8,16,32,64]
+        [--seconds 4] [--repeats 2] [--kernels] [--chunks]
+    python experiments/throughput.py --ppo 2560
+
+For each task, environment steps per second (one step = one interval of training
+of one env's model) and training samples per second of:
+
+- ``dummy``: SB3 ``DummyVecEnv`` of ``HPOEnv`` (one model per env, one process);
+- ``subproc``: SB3 ``SubprocVecEnv`` of 2 ``HPOEnv`` (one model and one process
+  per env, so both cores);
+- ``batched``: :class:`rlhpo.vec_env.BatchedVecEnv` with N = 8..64 envs in one
+  process (default fast mode), and (``--ns2``) split over 2 worker processes
+  (:class:`rlhpo.vec_env.ShardedVecEnv`), the same 2 cores ``subproc`` uses.
+
+Every configuration runs the full-budget task from random starts with uniformly
+random actions (so batch sizes drift over 16..256 as an untrained policy's do),
+from the same seeds; one warm-up step is not timed. The machine is shared, so
+all configurations of a task are stepped round-robin (one vector step each in
+turn) until each has run ``--seconds``, and medians over ``--repeats`` rounds
+are reported. Memory per model: weights + Adam state (what every backend keeps
+per model), and the process memory (RSS) added per env, measured in a fresh
+process per configuration (for ``subproc``: its worker processes).
+
+``--kernels`` also times one training step of the MNIST-1D MLP per model for the
+ways to batch it (torch.func vmap over functional_call, autograd over stacked
+bmm, rlhpo's explicit backward): how the backend was chosen. ``--chunks`` times
+the batched backend's chunk size.
+
+Writes experiments/results/throughput.md and throughput.png. ``--ppo T`` instead
+times SB3 PPO for T timesteps on the default train split with one-model-per-env
+and batched vector envs (results/throughput_ppo.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from rlhpo.actions import ActionCodec
+from rlhpo.runtime import limit_threads
+from rlhpo.tasks import load_suite
+from rlhpo.trainees import build_trainee, task_data
+from rlhpo.trainees.batched import CHUNK_ELEMENTS, BatchedTrainee
+from rlhpo.vec_env import make_vec_env
+
+OUT = Path(__file__).parent / "results"
+
+
+def _rss(pid: int | None = None) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+CONFIGS_ONE = [("dummy", 2, 1), ("subproc", 2, 2)]
+
+
+def configs(args) -> list[tuple[str, int, int]]:
+    """(backend, n_envs, processes) of every configuration."""
+    return (
+        CONFIGS_ONE + [("batched", n, 1) for n in args.ns] + [("batched", n, 2) for n in args.ns2]
+    )
+
+
+class _Stepper:
+    """One vector env under test, stepped with seeded random actions."""
+
+    def __init__(self, task: str, backend: str, n_envs: int, procs: int, seed: int):
+        self.backend, self.n = backend, n_envs
+        self.venv = make_vec_env(
+            "default",
+            "all",
+            n_envs=n_envs,
+            seed=seed,
+            backend=backend,
+            n_procs=procs if backend == "batched" else 1,
+            monitor=False,
+            tasks=[task],
+        )
+        self.rng = np.random.default_rng(seed)
+        self.last = np.zeros(n_envs, dtype=np.int64)
+        self.time = 0.0
+        self.steps = self.samples = 0
+        self.venv.reset()
+        self.step()  # warm-up: models built, data cached, workers started
+        self.time = 0.0
+        self.steps = self.samples = 0
+
+    def step(self) -> None:
+        a = self.rng.integers(0, ActionCodec.NVEC, size=(self.n, 3))
+        t0 = time.perf_counter()
+        _, _, dones, infos = self.venv.step(a)
+        dt = time.perf_counter() - t0
+        for i, info in enumerate(infos):
+            self.samples += int(info["samples"]) - int(self.last[i])
+            self.last[i] = 0 if dones[i] else info["samples"]
+        self.time += dt
+        self.steps += self.n
+
+
+def measure_task(task: str, confs: list[tuple[str, int, int]], seconds: float, seed: int) -> dict:
+    """Env steps/s and samples/s of every configuration of one task.
+
+    All configurations exist at once and are stepped round-robin, one vector step
+    each in turn, until each has run ``seconds``: load from other work on the
+    shared machine then falls on all of them alike.
+    """
+    steppers = {c: _Stepper(task, *c, seed) for c in confs}
+    while any(st.time < seconds or st.steps < 2 * st.n for st in steppers.values()):
+        for st in steppers.values():
+            if st.time < seconds or st.steps < 2 * st.n:
+                st.step()
+    out = {
+        k: {"steps_s": st.steps / st.time, "samples_s": st.samples / st.time}
+        for k, st in steppers.items()
+    }
+    for st in steppers.values():
+        st.venv.close()
+    return out
+
+
+def _memory_child(task: str, backend: str, n_envs: int, procs: int, queue) -> None:
+    limit_threads()
+    task_data(load_suite("default").task(task))
+    before = _rss()
+    st = _Stepper(task, backend, n_envs, procs, seed=0)
+    st.step()
+    if procs > 1:
+        added = sum(_rss(p.pid) for p in psutil.Process().children(recursive=True))
+    else:
+        added = _rss() - before
+    st.venv.close()
+    queue.put(added / n_envs)
+
+
+def measure_memory(task: str, backend: str, n_envs: int, procs: int) -> float:
+    """Process memory (RSS) added per env, in a fresh process (or its workers)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(task, backend, n_envs, procs, q))
+    proc.start()
+    value = q.get()
+    proc.join()
+    return value
+
+
+def state_kib(task: str) -> float:
+    """Weights + Adam state of one model (the same in every backend)."""
+    spec = load_suite("default").task(task)
+    return BatchedTrainee(spec).add(seed=0).state_bytes() / 1024
+
+
+def run_envs(args) -> list[dict]:
+    confs = configs(args)
+    results: dict[tuple, list[dict]] = {}
+    for r in range(args.repeats):
+        for task in args.tasks:
+            for key, m in measure_task(task, confs, args.seconds, seed=r).items():
+                results.setdefault((task, *key), []).append(m)
+                print(
+                    f"round {r} {task:12s} {key[0]:8s} n={key[1]:3d} procs={key[2]}: "
+                    f"{m['steps_s']:7.2f} steps/s {m['samples_s']:9.0f} samples/s",
+                    flush=True,
+                )
+    rows = []
+    for task in args.tasks:
+        kib = state_kib(task)
+        for backend, n, procs in confs:
+            ms = results[(task, backend, n, procs)]
+            rss = measure_memory(task, backend, n, procs)
+            print(f"{task:12s} {backend:8s} n={n:3d}: RSS/env {rss / 2**20:7.1f} MiB", flush=True)
+            rows.append(
+                {
+                    "task": task,
+                    "backend": backend,
+                    "n": n,
+                    "procs": procs,
+                    "steps_s": statistics.median(m["steps_s"] for m in ms),
+                    "samples_s": statistics.median(m["samples_s"] for m in ms),
+                    "rss_env": rss,
+                    "state_kib": kib,
+                }
+            )
+        base = max(r["steps_s"] for r in rows if r["task"] == task and r["backend"] != "batched")
+        for r in rows:
+            if r["task"] == task:
+                r["speedup"] = r["steps_s"] / base
+    return rows
+
+
+# -- how to batch: one training step per model, three ways ---------------------
+def run_kernels(ks=(8, 32), bs: int = 64, reps: int = 30) -> list[tuple[str, int, float]]:
+    """Microseconds per model per training step (MNIST-1D MLP, dropout 0.1, Adam)."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+    from torch.nn import functional as F
+
+    spec = load_suite("default").task("mnist1d-mlp")
+    data = task_data(spec)
+    out = []
+    tr = build_trainee(spec, {"batch_size": bs}, seed=0)
+    t = _time(lambda: tr.train(bs), reps * 4)
+    out.append(("one Trainee (nn.Module + torch.optim.Adam)", 1, t))
+    for k in ks:
+        # rlhpo: explicit stacked forward/backward, fused Adam per model
+        g = BatchedTrainee(spec)
+        runs = [g.add({"batch_size": bs}, seed=i) for i in range(k)]
+        t = _time(lambda runs=runs, g=g: g.train([(r, bs * 4) for r in runs]), reps) / (4 * k)
+        out.append(("rlhpo stacked, explicit backward", k, t))
+        # autograd through the same stacked bmm forward
+        P = [torch.stack(ps).requires_grad_() for ps in zip(*(r.params for r in runs), strict=True)]
+        state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in P]
+        steps = [torch.tensor(0.0) for _ in range(k)]
+
+        def autograd_step(P=P, state=state, steps=steps, k=k):
+            idx = torch.randint(0, data.n_train, (k, bs))
+            h = data.x_train[idx]
+            for i in range(0, len(P), 2):
+                h = torch.baddbmm(P[i + 1], h, P[i].transpose(1, 2))
+                if i + 2 < len(P):
+                    h = F.dropout(torch.relu(h), 0.1, True)
+            loss = F.cross_entropy(h.reshape(k * bs, -1), data.y_train[idx].reshape(-1))
+            grads = torch.autograd.grad(loss * k, P)
+            _adam_per_model(P, grads, state, steps)
+
+        out.append(("autograd over stacked bmm", k, _time(autograd_step, reps) / k))
+        # torch.func: vmap(grad(functional_call)) over stacked module parameters
+        models = [r.to_module() for r in runs]
+        params, _ = stack_module_state(models)
+        base = models[0].to("meta")
+        names = list(params)
+
+        def loss_fn(p, x, y, base=base):
+            return F.cross_entropy(functional_call(base, p, (x,)), y)
+
+        vgrad = vmap(grad(loss_fn), randomness="different")
+        PV = [params[n].detach() for n in names]
+        vstate = [(torch.zeros_like(p), torch.zeros_like(p)) for p in PV]
+        vsteps = [torch.tensor(0.0) for _ in range(k)]
+
+        def vmap_step(PV=PV, vstate=vstate, vsteps=vsteps, k=k, vgrad=vgrad, names=names):
+            idx = torch.randint(0, data.n_train, (k, bs))
+            gr = vgrad(dict(zip(names, PV, strict=True)), data.x_train[idx], data.y_train[idx])
+            _adam_per_model(PV, [gr[n] for n in names], vstate, vsteps)
+
+        out.append(("torch.func vmap(grad(functional_call))", k, _time(vmap_step, reps) / k))
+    return out
+
+
+def _adam_per_model(P, grads, state, steps) -> None:
+    with torch.no_grad():
+        for i in range(len(steps)):
+            steps[i] += 1
+            torch._fused_adam_(
+                [p[i] for p in P],
+                [g[i] for g in grads],
+                [m[i] for m, _ in state],
+                [v[i] for _, v in state],
+                [],
+                [steps[i]] * len(P),
+                lr=1e-3,
+                beta1=0.9,
+                beta2=0.999,
+                weight_decay=0.0,
+                eps=1e-8,
+                amsgrad=False,
+                maximize=False,
+            )
+
+
+def _time(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best * 1e6
+
+
+def run_chunks(tasks, n: int = 32, sizes=(65536, 262144, 1048576), bss=(16, 64, 256)):
+    """Milliseconds per run-interval of the batched backend by chunk size."""
+    out = []
+    for task in tasks:
+        spec = load_suite("default").task(task)
+        for bs in bss:
+            row = []
+            for ce in sizes:
+                g = BatchedTrainee(spec, chunk_elements=ce)
+                runs = [g.add({"batch_size": bs}, seed=i) for i in range(n)]
+                g.train([(r, 256) for r in runs])
+                t0 = time.perf_counter()
+                g.train([(r, spec.interval_samples) for r in runs])
+                row.append((time.perf_counter() - t0) / n * 1e3)
+            out.append((task, bs, row))
+            print(task, bs, [f"{x:.1f}" for x in row], flush=True)
+    return out, sizes
+
+
+def write(rows, kernels, chunks, args, load) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    cmd = "python experiments/throughput.py " + " ".join(
+        f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if not isinstance(v, bool) and k != "ppo"
+    )
+    cmd += "".join(f" --{k}" for k, v in vars(args).items() if v is True)
+    lines = [
+        "# Throughput: one model per env vs batched",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work "
+        f"(load average {load[0]:.1f} at start, {load[1]:.1f} at end), torch "
+        f"{torch.__version__}, 1 torch thread per process, no GPU.  ",
+        "Full-budget episodes from random starts, uniformly random actions, same seeds "
+        "for every configuration; the configurations of a task are stepped round-robin "
+        f"until each ran >= {args.seconds:g} s (shared machine: load hits all alike); "
+        f"medians of {args.repeats} rounds. Env step = one interval of one env's model.",
+        "Speedup: env steps/s over the best one-model-per-env configuration of the task. "
+        "Memory: weights + Adam state per model (every backend keeps these), and the "
+        "process memory (RSS) added per env (subproc: the whole worker process).",
+        "",
+        "| task | backend | envs | procs | env steps/s | samples/s | speedup | "
+        "weights+Adam KiB/model | RSS MiB/env |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['backend']} | {r['n']} | {r['procs']} | {r['steps_s']:.2f} | "
+            f"{r['samples_s']:,.0f} | {r['speedup']:.1f}x | {r['state_kib']:.0f} | "
+            f"{r['rss_env'] / 2**20:.1f} |"
+        )
+    if kernels:
+        lines += [
+            "",
+            "## How to batch: one training step, per model",
+            "",
+            "MNIST-1D MLP (40-128-128-10), batch 64, dropout 0.1, Adam (fused per model in "
+            "the batched variants); microseconds per model per step, best of 3.",
+            "",
+            "| implementation | models | us / model-step |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {name} | {k} | {t:.0f} |" for name, k, t in kernels]
+    if chunks:
+        data, sizes = chunks
+        lines += [
+            "",
+            "## Chunk size of the batched backend",
+            "",
+            "Milliseconds per run-interval (32 runs, one interval each), by the chunk's "
+            f"widest-output budget in elements (default {CHUNK_ELEMENTS}).",
+            "",
+            "| task | batch | " + " | ".join(str(s) for s in sizes) + " |",
+            "|---|---:|" + "---:|" * len(sizes),
+        ]
+        for task, bs, row in data:
+            lines.append(f"| {task} | {bs} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
+    (OUT / "throughput.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, args.tasks)
+    print(f"wrote {OUT / 'throughput.md'} and {OUT / 'throughput.png'}")
+
+
+def _plot(rows, tasks) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        rs = [r for r in rows if r["task"] == task]
+        labels = [
+            f"{r['backend']}\n{r['n']} env{'s' if r['n'] > 1 else ''}"
+            + (f"\n{r['procs']} procs" if r["procs"] > 1 else "")
+            for r in rs
+        ]
+        colors = ["tab:gray" if r["backend"] != "batched" else "tab:blue" for r in rs]
+        ax.bar(range(len(rs)), [r["steps_s"] for r in rs], color=colors)
+        for i, r in enumerate(rs):
+            ax.text(i, r["steps_s"], f"{r['speedup']:.1f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(rs)), labels, fontsize=7)
+        ax.set_ylabel("env steps / s (one interval of one model)")
+        ax.set_title(task)
+    fig.suptitle("rlhpo/HPO-v0 throughput: one model per env (gray) vs batched (blue)")
+    fig.tight_layout()
+    fig.savefig(OUT / "throughput.png", dpi=120)
+
+
+# -- PPO: wall time to the same timesteps ----------------------------------------
+PPO_CONFIGS = [
+    ("subproc", 2, 128, 2),
+    ("batched", 16, 16, 1),
+    ("batched", 32, 8, 1),
+    ("batched", 32, 8, 2),
+]
+
+
+def run_ppo(timesteps: int, seed: int = 0) -> list[dict]:
+    """Wall time of SB3 PPO for ``timesteps`` env steps on the default train split,
+    with the shipped recipe's settings (agents/ppo.toml), by vector env. Every
+    configuration collects rollouts of 256 env steps (n_envs x n_steps)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    out = []
+    for backend, n_envs, n_steps, procs in PPO_CONFIGS:
+        t0 = time.perf_counter()
+        venv = make_vec_env(
+            "default",
+            "train",
+            n_envs=n_envs,
+            seed=seed,
+            backend=backend,
+            n_procs=procs if backend == "batched" else 1,
+            timing=True,
+        )
+        venv = VecNormalize(venv, gamma=1.0)
+        model = PPO(
+            "MlpPolicy",
+            venv,
+            learning_rate=3e-4,
+            n_steps=n_steps,
+            batch_size=64,
+            n_epochs=10,
+            gamma=1.0,
+            gae_lambda=0.95,
+            ent_coef=0.01,
+            seed=seed,
+            device="cpu",
+        )
+        model.learn(total_timesteps=timesteps)
+        dt = time.perf_counter() - t0
+        episodes = len(model.ep_info_buffer)
+        venv.close()
+        out.append(
+            {
+                "backend": backend,
+                "n_envs": n_envs,
+                "n_steps": n_steps,
+                "procs": procs,
+                "seconds": dt,
+                "timesteps": model.num_timesteps,
+                "episodes_seen": episodes,
+            }
+        )
+        print(f"PPO {backend} n_envs={n_envs} procs={procs}: {dt:.1f} s", flush=True)
+    return out
+
+
+def write_ppo(rows: list[dict], timesteps: int, load) -> None:
+    base = rows[0]["seconds"]
+    lines = [
+        "# PPO wall time to the same timesteps: one model per env vs batched",
+        "",
+        f"Command: `python experiments/throughput.py --ppo {timesteps}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work "
+        f"(load average {load[0]:.1f} at start, {load[1]:.1f} at end), 1 torch thread per "
+        "process.  ",
+        "SB3 PPO with the shipped recipe's settings (agents/ppo.toml: lr 3e-4, batch 64, "
+        "10 epochs, gamma 1, VecNormalize) on the default suite's train split, full "
+        "budget, seed 0; every configuration collects 256-step rollouts (n_envs x "
+        "n_steps). Wall time includes env construction and the first resets. The "
+        "configurations run one after another, not interleaved: on a shared machine "
+        "expect tens of percent between runs.",
+        "",
+        "| vec env | n_envs | procs | n_steps | timesteps | wall s | speedup |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['n_envs']} | {r['procs']} | {r['n_steps']} | "
+            f"{r['timesteps']} | "
+            f"{r['seconds']:.1f} | {base / r['seconds']:.1f}x |"
+        )
+    (OUT / "throughput_ppo.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT / 'throughput_ppo.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tasks", default="mnist1d-mlp,mnist1d-cnn")
+    ap.add_argument("--ns", default="8,16,32,64")
+    ap.add_argument("--ns2", default="32,64", help="batched envs split over 2 processes")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--chunks", action="store_true")
+    ap.add_argument(
+        "--ppo",
+        type=int,
+        default=0,
+        help="only time PPO for this many timesteps per vector env "
+        "(writes results/throughput_ppo.md)",
+    )
+    args = ap.parse_args()
+    args.tasks = args.tasks.split(",")
+    args.ns = [int(n) for n in args.ns.split(",")]
+    args.ns2 = [int(n) for n in args.ns2.split(",") if n]
+    limit_threads()
+    load0 = os.getloadavg()[0]
+    if args.ppo:
+        write_ppo(run_ppo(args.ppo), args.ppo, (load0, os.getloadavg()[0]))
+        return
+    for t in args.tasks:
+        task_data(load_suite("default").task(t))  # dataset built before any timing
+    kernels = run_kernels() if args.kernels else None
+    if kernels:
+        for name, k, t in kernels:
+            print(f"{name:45s} k={k:3d}: {t:7.1f} us/model-step", flush=True)
+    chunks = run_chunks(args.tasks) if args.chunks else None
+    rows = run_envs(args)
+    write(rows, kernels, chunks, args, (load0, os.getloadavg()[0]))
+
+
+if __name__ == "__main__":
+    main()
