@@ -23,6 +23,7 @@ otherwise.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -312,7 +313,7 @@ def _shard_worker(remote, parent_remote, kwargs: dict[str, Any]) -> None:
                 raise ValueError(f"unknown command {cmd!r}")
             remote.send(("ok", out))
     except (KeyboardInterrupt, EOFError):
-        pass
+        return  # parent closed the pipe or was interrupted: the worker just ends
     except Exception:  # report, do not hang the parent
         remote.send(("error", traceback.format_exc()))
     finally:
@@ -438,10 +439,9 @@ class ShardedVecEnv(VecEnv):
             return
         self.closed = True
         for remote in self.remotes:
-            try:
+            # A worker that already died has nothing to close.
+            with contextlib.suppress(BrokenPipeError, OSError):
                 remote.send(("close", None))
-            except (BrokenPipeError, OSError):
-                pass
         for proc in self.procs:
             proc.join(timeout=30)
             if proc.is_alive():
