@@ -74,6 +74,9 @@ class ApplyResult:
     rollbacks: int
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
+    static: dict[str, Any] | None = None
+    """With ``vs_static``: the static run from the same start and seed (test score,
+    samples, optimizer steps, training seconds) and the policy run's ratios to it."""
 
     @property
     def final(self) -> IntervalRow:
@@ -92,8 +95,13 @@ def apply_policy(
     use_wandb: bool = True,
     deterministic: bool = True,
     on_row: Callable[[IntervalRow], None] | None = None,
+    vs_static: bool = False,
 ) -> ApplyResult:
-    """Train ``task`` for its whole budget with ``policy_dir`` choosing the hyperparameters."""
+    """Train ``task`` for its whole budget with ``policy_dir`` choosing the hyperparameters.
+
+    ``vs_static`` also trains the run the policy started from, unchanged (same start,
+    initialisation and data order), and records both runs' cost: the policy run's
+    optimizer steps and training wall time relative to the static run's."""
     from rlhpo.controller import Controller
     from rlhpo.env import HPOEnv
     from rlhpo.policy import load_policy
@@ -219,10 +227,32 @@ def apply_policy(
                 "run/rollbacks": result.rollbacks,
             }
         )
+        if vs_static:
+            result.static = _static_run(spec, dict(rows[0].__dict__), seed, result)
+            tracker.summary({f"static/{k}": v for k, v in result.static.items()})
         if tracker.wandb_dir is not None:
             result.files["wandb"] = tracker.wandb_dir
     result.files["log"] = out / "log.jsonl"
     return result
+
+
+def _static_run(spec, first: dict[str, Any], seed: int, res: ApplyResult) -> dict[str, Any]:
+    """The static run from the policy run's start: same hyperparameters, same run seed."""
+    from rlhpo.baselines.single import run_single
+    from rlhpo.env import run_seed_for
+
+    hp = {"lr": first["lr"], "batch_size": first["batch_size"], "dropout": first["dropout"]}
+    out = run_single(spec, hp, run_seed_for(seed))
+    return {
+        "test_score": out.test_score,
+        "val_score": out.val_score,
+        "samples": out.samples,
+        "optimizer_steps": out.optimizer_steps,
+        "train_seconds": out.train_time,
+        "diverged": out.diverged,
+        "steps_ratio": res.optimizer_steps / max(out.optimizer_steps, 1),
+        "wall_ratio": res.train_seconds / out.train_time if out.train_time > 0 else math.nan,
+    }
 
 
 def _row(i, tr, hp, train_loss, ev, ctl, rolled_back) -> IntervalRow:

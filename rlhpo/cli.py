@@ -420,6 +420,14 @@ def apply_cmd(
     no_wandb: Annotated[
         bool, typer.Option("--no-wandb", help="Log only to OUT/log.jsonl.")
     ] = False,
+    vs_static: Annotated[
+        bool,
+        typer.Option(
+            "--vs-static",
+            help="Also train the static run from the same start and seed; report both and "
+            "the policy run's optimizer steps and wall time relative to it.",
+        ),
+    ] = False,
 ) -> None:
     """Train a task for its whole budget with a policy tuning it (a Controller on a Trainee)."""
     from rich.live import Live
@@ -468,6 +476,7 @@ def apply_cmd(
                 use_wandb=not no_wandb,
                 deterministic=not stochastic,
                 on_row=add_row,
+                vs_static=vs_static,
             )
     except (PolicyFileError, SpecError, ValueError, FileExistsError) as e:
         _fail(str(e))
@@ -481,6 +490,15 @@ def apply_cmd(
         + (f" | {res.rollbacks} rollbacks" if res.rollbacks else ""),
         highlight=False,
     )
+    if res.static is not None:
+        st = res.static
+        console.print(
+            f"static run from the same start: test {st['test_score']:.4f} | "
+            f"{st['optimizer_steps']} optimizer steps, training {st['train_seconds']:.2f} s | "
+            f"policy run: [bold]{st['steps_ratio']:.2f}x the steps, {st['wall_ratio']:.2f}x the "
+            f"training wall time[/bold]",
+            highlight=False,
+        )
     files = ", ".join(f"{k} {v}" for k, v in res.files.items())
     console.print(f"wrote {files}", highlight=False, soft_wrap=True)
 

@@ -66,6 +66,24 @@ def test_exported_policy_acts_like_sb3(tmp_path):
     np.testing.assert_array_equal(pol.act(obs), want)
 
 
+def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
+    """The recipe's default vector env: the runs of batchable tasks train together."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    from rlhpo.agents.envs import make_vec_env
+    from rlhpo.vec_env import BatchedVecEnv
+
+    venv = make_vec_env(n_envs=4, seed=0, vec_env="batched", **TINY)
+    assert isinstance(venv.unwrapped, BatchedVecEnv) and venv.num_envs == 4
+    venv.close()
+    out = tmp_path / "run"
+    s = tiny_ppo(n_envs=4, vec_env="batched", n_steps=10)
+    info = train_ppo(s, out, timesteps=80, seed=0, show_progress=False)
+    assert info["timesteps"] >= 80 and info["episodes"] > 0
+    assert load_policy(out / "policy").manifest["recipe"]["vec_env"] == "batched"
+    with pytest.raises(ValueError, match="n_procs must be >= 1, got 0"):
+        make_vec_env(n_envs=2, vec_env="batched", n_procs=0, **TINY)
+
+
 def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"

@@ -275,6 +275,31 @@ def test_apply_cli_end_to_end(tmp_path):
     assert bad.exit_code == 2 and "--start must be one of default, random, low-lr" in bad.output
 
 
+def test_apply_vs_static_runs_the_same_start_unchanged(tmp_path):
+    """--vs-static: the static run from the policy run's start and seed, with cost ratios."""
+    from rlhpo.apply import apply_policy
+    from rlhpo.baselines.single import run_single
+    from rlhpo.env import run_seed_for
+    from rlhpo.tasks import load_suite
+
+    pol = random_policy(tmp_path / "pol", seed=1)
+    kw = dict(seed=3, start="low-lr", budget_scale=0.1, use_wandb=False)
+    res = apply_policy(pol, "breast_cancer-mlp", out_dir=tmp_path / "a", vs_static=True, **kw)
+    st = res.static
+    spec = load_suite("default").task("breast_cancer-mlp").scaled(0.1)
+    hp = {"lr": 1e-5, "batch_size": 64, "dropout": 0.1}
+    want = run_single(spec, hp, run_seed_for(3))
+    assert st["test_score"] == want.test_score and st["optimizer_steps"] == want.optimizer_steps
+    assert st["samples"] == res.samples == 1700
+    assert st["steps_ratio"] == res.optimizer_steps / want.optimizer_steps
+    assert st["wall_ratio"] > 0 and st["train_seconds"] > 0
+    plain = apply_policy(pol, "breast_cancer-mlp", out_dir=tmp_path / "b", **kw)
+    assert plain.static is None and plain.test == res.test  # the policy run is unchanged
+    out = _apply_cli(tmp_path, "--out", str(tmp_path / "c"), "--no-wandb", "--vs-static")
+    assert out.exit_code == 0, out.output
+    assert "static run from the same start" in out.output and "x the steps" in out.output
+
+
 def test_apply_cli_logs_to_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"

@@ -1,5 +1,6 @@
 """Environments for the agents: ``rlhpo/HPO-v0`` wrapped for episode statistics,
-single or vectorised (in-process or one subprocess per env)."""
+single or vectorised: batched (many runs trained together in one process, see
+:mod:`rlhpo.vec_env`), in-process or one subprocess per env."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import gymnasium as gym
 
 from rlhpo.env import ENV_ID, register_envs
 
-VEC_ENVS = ("dummy", "subproc")
+VEC_ENVS = ("auto", "batched", "dummy", "subproc")
 
 
 def env_kwargs(
@@ -52,9 +53,16 @@ def _factory(kwargs: dict[str, Any]) -> Callable[[], gym.Env]:
     return _make
 
 
-def make_vec_env(n_envs: int = 2, seed: int = 0, vec_env: str = "dummy", **kwargs: Any):
-    """``n_envs`` monitored envs in a ``DummyVecEnv`` or ``SubprocVecEnv``.
+def make_vec_env(
+    n_envs: int = 2, seed: int = 0, vec_env: str = "dummy", n_procs: int = 1, **kwargs: Any
+):
+    """``n_envs`` monitored envs (``info["episode"]`` at episode ends).
 
+    ``vec_env``: ``"batched"`` (:class:`rlhpo.vec_env.BatchedVecEnv`: the runs of
+    batchable tasks train together, the others one by one in the same process;
+    ``n_procs > 1`` shards it over that many processes), ``"auto"`` (batched where
+    some task of the split is batchable, else subprocess envs), ``"dummy"`` or
+    ``"subproc"`` (SB3's ``DummyVecEnv`` / ``SubprocVecEnv`` of ``HPOEnv``).
     Env ``i`` gets seed ``seed + i`` at its first reset; later resets continue
     each env's own generator.
     """
@@ -64,6 +72,17 @@ def make_vec_env(n_envs: int = 2, seed: int = 0, vec_env: str = "dummy", **kwarg
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     if vec_env not in VEC_ENVS:
         raise ValueError(f"vec_env must be one of {VEC_ENVS}, got {vec_env!r}")
+    if n_procs < 1:
+        raise ValueError(f"n_procs must be >= 1, got {n_procs}")
+    if vec_env in ("auto", "batched"):
+        from rlhpo.vec_env import make_vec_env as make_batched
+
+        kw = env_kwargs(**kwargs)
+        suite = kw.pop("suite")
+        split = kw.pop("split")
+        return make_batched(
+            suite, split, n_envs=n_envs, seed=seed, backend=vec_env, n_procs=n_procs, **kw
+        )
     fns = [_factory(kwargs) for _ in range(n_envs)]
     if vec_env == "subproc":
         venv = SubprocVecEnv(fns, start_method="forkserver")

@@ -59,8 +59,12 @@ class PPOSettings:
     """Knobs the policy may not change (ablations)."""
     n_envs: int = 2
     """Parallel environments."""
-    vec_env: str = "subproc"
-    """``subproc`` (one process per env) or ``dummy`` (in-process); see the recipe for figures."""
+    vec_env: str = "batched"
+    """``batched`` (runs of MLP/CNN tasks trained together in one process, the rest one
+    by one in it), ``auto``, ``subproc`` (one process per env) or ``dummy``
+    (in-process); see the recipe for figures."""
+    n_procs: int = 1
+    """Processes the batched env is sharded over (one per free core)."""
     learning_rate: float = 3e-4
     """Adam learning rate of the actor-critic."""
     n_steps: int = 128
@@ -325,6 +329,7 @@ def train_ppo(
         n_envs=settings.n_envs,
         seed=seed,
         vec_env=settings.vec_env,
+        n_procs=settings.n_procs,
         suite=suite,
         split=settings.split,
         tasks=settings.tasks,
