@@ -71,6 +71,11 @@ class HPOEnv(gym.Env):
     - ``divergence_penalty``: subtracted on divergence (default 0.5).
     - ``explode_factor``: train loss above this x initial loss is divergence (default 10).
     - ``freeze``: knobs the action may not change (ablations).
+    - ``lr_scale``: ``(low, high)``; each episode draws a factor ``c`` log-uniformly
+      from it and the run trains with ``c`` x the learning rate the policy sets (and
+      sees). Domain randomisation: a task's best learning rate moves by ``c``, so a
+      policy cannot memorise one schedule per task and has to read the run's response.
+      ``(1, 1)`` (default) is off; the factor is in ``info["lr_scale"]``.
     - ``timing``: add the run's training wall time (``wall_time``, seconds) to
       ``info``. Off by default so that ``info`` is deterministic under a seed;
       ``env.trainee.wall_time`` always has it.
@@ -92,6 +97,7 @@ class HPOEnv(gym.Env):
         explode_factor: float = 10.0,
         freeze: tuple[str, ...] | list[str] = (),
         timing: bool = False,
+        lr_scale: tuple[float, float] | list[float] = (1.0, 1.0),
     ):
         limit_threads()
         self.suite = suite if isinstance(suite, Suite) else load_suite(suite)
@@ -108,6 +114,13 @@ class HPOEnv(gym.Env):
         ):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        lr_scale = tuple(float(v) for v in lr_scale)
+        if len(lr_scale) != 2 or not all(math.isfinite(v) and v > 0 for v in lr_scale):
+            raise ValueError(f"lr_scale must be two finite numbers > 0, got {lr_scale!r}")
+        if lr_scale[0] > lr_scale[1]:
+            raise ValueError(f"lr_scale must be (low, high) with low <= high, got {lr_scale!r}")
+        self.lr_scale = lr_scale
+        self._lr_c = 1.0
         self.split = split
         self.tasks: dict[str, TaskSpec] = {
             s.name: (s.scaled(budget_scale) if budget_scale != 1.0 else s) for s in specs
@@ -142,8 +155,12 @@ class HPOEnv(gym.Env):
             )
         task = self.tasks[name]
         start = self._start_hp(task, options)
+        lo, hi = self.lr_scale
+        # Drawn only when on, so that the default keeps every seed's episode as it was.
+        c = float(math.exp(self.np_random.uniform(math.log(lo), math.log(hi)))) if hi > lo else lo
+        self._lr_c = c
         self.spec_task = task
-        self.trainee = self._make_trainee(task, start, run_seed)
+        self.trainee = self._make_trainee(task, {**start, "lr": start["lr"] * c}, run_seed)
         self.encoder = ObservationEncoder(task.space)
         self.codec = ActionCodec(task.space, freeze=self.freeze)
         self.history = MetricHistory()
@@ -156,7 +173,7 @@ class HPOEnv(gym.Env):
             val_loss=ev["loss"],
             val_score=self._norm(ev["score"]),
             train_loss=None,
-            hp=self.trainee.hp,
+            hp=self.hp,
             budget_fraction=0.0,
         )
         return self.encoder.encode(self.history), self._info(ev, None, diverged=False)
@@ -181,6 +198,15 @@ class HPOEnv(gym.Env):
         do = float(rng.uniform(st.dropout[0], st.dropout[1]))
         return {"lr": lr, "batch_size": bs, "dropout": do}
 
+    @property
+    def hp(self) -> dict[str, Any]:
+        """The run's hyperparameters as the policy sets and sees them (the learning
+        rate before the episode's ``lr_scale`` factor)."""
+        hp = dict(self.trainee.hp)
+        if self._lr_c != 1.0:
+            hp["lr"] = hp["lr"] / self._lr_c
+        return hp
+
     def _norm(self, score: float) -> float:
         return normalised_score(self.spec_task.metric, score, self.n_classes)
 
@@ -198,8 +224,8 @@ class HPOEnv(gym.Env):
         if self.trainee is None:
             raise RuntimeError("call reset() before step()")
         task, tr = self.spec_task, self.trainee
-        hp = self.codec.decode(action, tr.hp)
-        tr.set_hp(**hp)
+        hp = self.codec.decode(action, self.hp)
+        tr.set_hp(**{**hp, "lr": hp["lr"] * self._lr_c})
         return min(task.interval_samples, task.budget_samples - tr.samples_seen)
 
     def _end_step(self, stats, ev: dict[str, float]):
@@ -227,7 +253,7 @@ class HPOEnv(gym.Env):
             val_loss=ev["loss"] if math.isfinite(ev["loss"]) else 1e6,
             val_score=score,
             train_loss=stats.train_loss if math.isfinite(stats.train_loss) else 1e6,
-            hp=tr.hp,
+            hp=self.hp,
             budget_fraction=frac,
         )
         terminated = diverged or tr.samples_seen >= task.budget_samples
@@ -241,7 +267,7 @@ class HPOEnv(gym.Env):
         info = {
             "task": task.name,
             "interval": self.interval,
-            "hp": tr.hp,
+            "hp": self.hp,
             "val_loss": ev["loss"],
             "val_score": ev["score"],
             "val_norm_score": self.history.last.val_score,
@@ -252,6 +278,8 @@ class HPOEnv(gym.Env):
             "static_steps": self.static_steps,
             "diverged": diverged,
         }
+        if self._lr_c != 1.0:
+            info["lr_scale"] = self._lr_c
         if self.timing:
             info["wall_time"] = tr.wall_time
         return info

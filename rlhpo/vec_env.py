@@ -131,6 +131,7 @@ def _env_kwargs(
     explode_factor: float,
     freeze: Sequence[str],
     timing: bool,
+    lr_scale: Sequence[float] = (1.0, 1.0),
 ) -> dict[str, Any]:
     return {
         "suite": suite if isinstance(suite, Suite) else load_suite(suite),
@@ -142,6 +143,7 @@ def _env_kwargs(
         "explode_factor": explode_factor,
         "freeze": tuple(freeze),
         "timing": timing,
+        "lr_scale": tuple(lr_scale),
     }
 
 
@@ -180,7 +182,7 @@ class BatchedVecEnv(VecEnv):
     Args:
         n_envs: number of environments (slots).
         suite, split, tasks, budget_scale, compute_penalty, divergence_penalty,
-            explode_factor, freeze, timing: as :class:`~rlhpo.env.HPOEnv`.
+            explode_factor, freeze, timing, lr_scale: as :class:`~rlhpo.env.HPOEnv`.
         exact: replay the unbatched Trainee's dropout masks and Adam arithmetic
             (slower; for checks). Off: same distributions, other random draws.
         chunk_elements: cache-sized work unit of the batched backend.
@@ -198,6 +200,7 @@ class BatchedVecEnv(VecEnv):
         explode_factor: float = 10.0,
         freeze: Sequence[str] = (),
         timing: bool = False,
+        lr_scale: Sequence[float] = (1.0, 1.0),
         exact: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS,
     ):
@@ -211,6 +214,7 @@ class BatchedVecEnv(VecEnv):
             explode_factor,
             freeze,
             timing,
+            lr_scale,
         )
         self.slots = _Slots(n_envs, exact, chunk_elements, kw)
         self.envs = self.slots.envs
@@ -476,6 +480,7 @@ class BatchedVectorEnv(gym.vector.VectorEnv):
             "explode_factor": 10.0,
             "freeze": (),
             "timing": False,
+            "lr_scale": (1.0, 1.0),
         }
         unknown = set(kwargs) - set(defaults)
         if unknown:
@@ -564,7 +569,7 @@ def make_vec_env(
     ``monitor`` wraps the result in SB3's ``VecMonitor`` (``info["episode"]``).
     ``env_kwargs`` go to :class:`~rlhpo.env.HPOEnv` (``tasks``, ``budget_scale``,
     ``compute_penalty``, ``divergence_penalty``, ``explode_factor``, ``freeze``,
-    ``timing``).
+    ``timing``, ``lr_scale``).
     """
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
 

@@ -92,7 +92,12 @@ def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
     m = pol.manifest
     assert m["agent"] == "ppo" and m["suite"] == "default" and m["split"] == "train"
     assert m["timesteps"] == info["timesteps"] >= 80 and m["seed"] == 0
-    assert m["env"] == {"compute_penalty": 0.1, "budget_scale": 0.02, "freeze": []}
+    assert m["env"] == {
+        "compute_penalty": 0.1,
+        "budget_scale": 0.02,
+        "freeze": [],
+        "lr_scale": [1.0, 1.0],
+    }
     assert m["train_wall_time_s"] > 0 and np.isfinite(m["mean_return"])
     assert m["recipe"]["n_steps"] == 20 and "compute is charged" in m["compute_charge"]
     recs = read_jsonl(out / "log.jsonl")

@@ -297,7 +297,8 @@ def test_batched_vec_env_equals_separate_envs(suite):
     assert len(tasks) >= 3
 
 
-def test_episodes_of_different_lengths_reset_independently(write_suite):
+@pytest.mark.parametrize("lr_scale", [(1.0, 1.0), (0.5, 2.0)])
+def test_episodes_of_different_lengths_reset_independently(write_suite, lr_scale):
     text = """
 name = "lengths"
 train = ["short", "long"]
@@ -320,8 +321,8 @@ intervals = 5
 """
     path = write_suite(text)
     n = 4
-    venv = BatchedVecEnv(n, suite=str(path), exact=True)
-    ref = _dummy(n, suite=str(path))
+    venv = BatchedVecEnv(n, suite=str(path), exact=True, lr_scale=lr_scale)
+    ref = _dummy(n, suite=str(path), lr_scale=lr_scale)
     bo, br, bd, bi = _rollout(venv, 16, n, seed=3)
     do, dr, dd, di = _rollout(ref, 16, n, seed=3)
     np.testing.assert_array_equal(bd, dd)
@@ -339,6 +340,9 @@ intervals = 5
                 assert bo[t + 1, i, 0] == 0.0
                 assert info["terminal_observation"][0] == pytest.approx(1.0)
     assert lengths == {"short": {3}, "long": {5}}
+    if lr_scale != (1.0, 1.0):  # the same hidden factors as the separate envs drew
+        got = [i["lr_scale"] for infos in bi for i in infos]
+        assert got == [i["lr_scale"] for infos in di for i in infos] and len(set(got)) > n
     # every slot keeps its own schedule: not all slots reset together
     assert any(0 < row.sum() < n for row in bd)
 

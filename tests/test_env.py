@@ -123,6 +123,39 @@ def test_bad_arguments_are_named():
         env.step(np.array([7, 1, 1]))
 
 
+def test_lr_scale_trains_with_a_hidden_factor_on_the_learning_rate():
+    """lr_scale (domain randomisation): the run trains with c x the learning rate the
+    policy sets and sees; everything else is the episode of an unscaled env."""
+    kw = dict(split="all", tasks=["digits-mlp"], budget_scale=0.05)
+    scaled = HPOEnv("default", lr_scale=(4.0, 4.0), **kw)
+    plain = HPOEnv("default", **kw)
+    o1, i1 = scaled.reset(seed=3, options={"task": "digits-mlp", "hp": {"lr": 1e-3}})
+    o2, i2 = plain.reset(seed=3, options={"task": "digits-mlp", "hp": {"lr": 4e-3}})
+    assert i1["hp"]["lr"] == 1e-3 and scaled.trainee.hp["lr"] == 4e-3 and i1["lr_scale"] == 4.0
+    assert "lr_scale" not in i2
+    for a in ([3, 1, 1], [0, 0, 2], [4, 2, 1], [2, 1, 1]):
+        o1, r1, *_, i1 = scaled.step(np.array(a))
+        o2, r2, *_, i2 = plain.step(np.array(a))
+        assert r1 == r2 and i1["val_loss"] == i2["val_loss"]  # the same run
+        assert scaled.trainee.hp["lr"] == pytest.approx(4 * i1["hp"]["lr"])
+        assert i2["hp"]["lr"] == pytest.approx(4 * i1["hp"]["lr"])
+        assert o1[1] < o2[1]  # but the policy sees the unscaled learning rate
+    rand = HPOEnv("default", lr_scale=(0.25, 4.0), **kw)
+    cs = [rand.reset(seed=s)[1]["lr_scale"] for s in range(20)]
+    assert all(0.25 <= c <= 4.0 for c in cs) and len(set(cs)) == 20
+    assert [
+        HPOEnv("default", lr_scale=(0.25, 4.0), **kw).reset(seed=s)[1]["lr_scale"]
+        for s in range(20)
+    ] == cs
+    for bad, msg in (
+        ((2.0, 1.0), "low <= high"),
+        ((0.0, 1.0), "finite numbers > 0"),
+        ((1.0,), "two"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            HPOEnv("default", lr_scale=bad, **kw)
+
+
 def test_env_runs_torch_with_one_thread():
     code = (
         "import torch; torch.set_num_threads(2); from rlhpo.env import HPOEnv; "

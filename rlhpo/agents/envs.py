@@ -21,6 +21,7 @@ def env_kwargs(
     budget_scale: float = 1.0,
     compute_penalty: float = 0.1,
     freeze: Sequence[str] = (),
+    lr_scale: Sequence[float] = (1.0, 1.0),
 ) -> dict[str, Any]:
     """Keyword arguments of ``HPOEnv`` for training (always with ``timing=True``)."""
     return {
@@ -30,6 +31,7 @@ def env_kwargs(
         "budget_scale": float(budget_scale),
         "compute_penalty": float(compute_penalty),
         "freeze": tuple(freeze),
+        "lr_scale": tuple(lr_scale),
         "timing": True,
     }
 

@@ -57,6 +57,8 @@ class PPOSettings:
     """Env's charge for optimizer steps above the default batch size's (see HPOEnv)."""
     freeze: tuple[str, ...] = ()
     """Knobs the policy may not change (ablations)."""
+    lr_scale: tuple[float, ...] = (1.0, 1.0)
+    """Env's per-episode learning-rate factor range (domain randomisation; see HPOEnv)."""
     n_envs: int = 2
     """Parallel environments."""
     vec_env: str = "batched"
@@ -325,6 +327,8 @@ def train_ppo(
         settings = build_settings(PPOSettings, ckpt[1]["settings"])
         seed, suite = int(ckpt[1]["seed"]), str(ckpt[1]["suite"])
     _check(settings, timesteps)
+    if len(settings.lr_scale) != 2:
+        raise ValueError(f"lr_scale must be [low, high], got {list(settings.lr_scale)}")
     venv = make_vec_env(
         n_envs=settings.n_envs,
         seed=seed,
@@ -336,6 +340,7 @@ def train_ppo(
         budget_scale=settings.budget_scale,
         compute_penalty=settings.compute_penalty,
         freeze=settings.freeze,
+        lr_scale=settings.lr_scale,
     )
     vn = None
     if settings.norm_obs or settings.norm_reward:
@@ -386,6 +391,7 @@ def train_ppo(
                 "compute_penalty": settings.compute_penalty,
                 "budget_scale": settings.budget_scale,
                 "freeze": list(settings.freeze),
+                "lr_scale": list(settings.lr_scale),
             },
             "freeze": list(settings.freeze),
             "compute_charge": COMPUTE_NOTE,
