@@ -82,6 +82,16 @@ def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
     assert load_policy(out / "policy").manifest["recipe"]["vec_env"] == "batched"
     with pytest.raises(ValueError, match="n_procs must be >= 1, got 0"):
         make_vec_env(n_envs=2, vec_env="batched", n_procs=0, **TINY)
+    # "auto" (the recipe's default): batched where a task is batchable, else one model
+    # per env, in subprocesses only when there are no more envs than cores.
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    auto = make_vec_env(n_envs=3, vec_env="auto", **TINY)
+    assert isinstance(auto.unwrapped, BatchedVecEnv)
+    auto.close()
+    gru = make_vec_env(n_envs=64, vec_env="auto", tasks=["seq-gru"], budget_scale=0.02)
+    assert isinstance(gru, DummyVecEnv) and gru.num_envs == 64
+    gru.close()
 
 
 def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):

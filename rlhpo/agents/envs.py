@@ -4,6 +4,7 @@ single or vectorised: batched (many runs trained together in one process, see
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,8 +64,9 @@ def make_vec_env(
     ``vec_env``: ``"batched"`` (:class:`rlhpo.vec_env.BatchedVecEnv`: the runs of
     batchable tasks train together, the others one by one in the same process;
     ``n_procs > 1`` shards it over that many processes), ``"auto"`` (batched where
-    some task of the split is batchable, else subprocess envs), ``"dummy"`` or
-    ``"subproc"`` (SB3's ``DummyVecEnv`` / ``SubprocVecEnv`` of ``HPOEnv``).
+    some task of the split is batchable; else one subprocess per env if there are no
+    more envs than cores, else in-process), ``"dummy"`` or ``"subproc"`` (SB3's
+    ``DummyVecEnv`` / ``SubprocVecEnv`` of ``HPOEnv``).
     Env ``i`` gets seed ``seed + i`` at its first reset; later resets continue
     each env's own generator.
     """
@@ -76,14 +78,24 @@ def make_vec_env(
         raise ValueError(f"vec_env must be one of {VEC_ENVS}, got {vec_env!r}")
     if n_procs < 1:
         raise ValueError(f"n_procs must be >= 1, got {n_procs}")
-    if vec_env in ("auto", "batched"):
+    if vec_env == "auto":
+        from rlhpo.vec_env import batchable_tasks
+
+        yes, _ = batchable_tasks(
+            kwargs.get("suite", "default"), kwargs.get("split", "train"), kwargs.get("tasks")
+        )
+        if yes:
+            vec_env = "batched"
+        else:
+            vec_env = "subproc" if 1 < n_envs <= (os.cpu_count() or 1) else "dummy"
+    if vec_env == "batched":
         from rlhpo.vec_env import make_vec_env as make_batched
 
         kw = env_kwargs(**kwargs)
         suite = kw.pop("suite")
         split = kw.pop("split")
         return make_batched(
-            suite, split, n_envs=n_envs, seed=seed, backend=vec_env, n_procs=n_procs, **kw
+            suite, split, n_envs=n_envs, seed=seed, backend="batched", n_procs=n_procs, **kw
         )
     fns = [_factory(kwargs) for _ in range(n_envs)]
     if vec_env == "subproc":

@@ -61,10 +61,10 @@ class PPOSettings:
     """Env's per-episode learning-rate factor range (domain randomisation; see HPOEnv)."""
     n_envs: int = 2
     """Parallel environments."""
-    vec_env: str = "batched"
-    """``batched`` (runs of MLP/CNN tasks trained together in one process, the rest one
-    by one in it), ``auto``, ``subproc`` (one process per env) or ``dummy``
-    (in-process); see the recipe for figures."""
+    vec_env: str = "auto"
+    """``auto`` (``batched`` if some task is batchable, else ``subproc``), ``batched``
+    (runs of MLP/CNN tasks trained together in one process, the rest one by one in
+    it), ``subproc`` (one process per env) or ``dummy`` (in-process); see the recipe."""
     n_procs: int = 1
     """Processes the batched env is sharded over (one per free core)."""
     learning_rate: float = 3e-4
