@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from rlhpo.actions import ActionCodec  # noqa: E402
 from rlhpo.env import HPOEnv  # noqa: E402
+from rlhpo.knobs import KNOBS  # noqa: E402
 from rlhpo.policy import load_policy  # noqa: E402
 from rlhpo.tasks import load_suite  # noqa: E402
 
@@ -49,7 +50,9 @@ def run_episode(env: HPOEnv, task: str, env_seed: int, method: str, policy=None)
         elif method == "random":
             action = rng.integers(0, ActionCodec.NVEC)
         else:
-            action = policy.act(obs, deterministic=True)
+            action = np.array(policy.act(obs, deterministic=True))
+            for k in policy.freeze:  # knobs the policy was trained not to move
+                action[KNOBS.index(k)] = ActionCodec.NOOP[KNOBS.index(k)]
         obs, r, term, trunc, info = env.step(action)
         ret += r
         done = term or trunc

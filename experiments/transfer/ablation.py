@@ -47,6 +47,10 @@ ROOT = HERE.parent.parent
 SEEDS_TRAIN = 6
 SEEDS_TEST = 5
 STARTS = ("default", "low-lr")
+# Shifted train tasks: every run's learning rate x a hidden factor in [1/4, 4], so each
+# task's best learning rate moves. A train-split proxy for "a model whose best learning
+# rate differs from the train tasks'"; chosen before any variant's test score was seen.
+SHIFT = (0.25, 4.0)
 # The train-split score is taken on the first ten train tasks of the default suite, the
 # ones every variant was trained on (later variants train on more), so rows compare.
 EVAL_TASKS = (
@@ -75,8 +79,10 @@ def load_variants(path: Path) -> list[dict]:
     return out
 
 
-def train_score(policy_dir: str, method: str = "policy") -> dict:
-    """Mean final normalised validation score on the train split (random starts)."""
+def train_score(policy_dir: str, method: str = "policy", lr_scale=(1.0, 1.0)) -> dict:
+    """Mean final normalised validation score on the train split (random starts);
+    with ``lr_scale``, every run's learning rate is multiplied by a hidden factor
+    (the same for every method on a given task and seed)."""
     ev = _eval_module()
     suite = load_suite("default")
     assert set(EVAL_TASKS) <= set(suite.train), "EVAL_TASKS must stay in the train split"
@@ -84,7 +90,14 @@ def train_score(policy_dir: str, method: str = "policy") -> dict:
     penalty = pol.manifest.get("env", {}).get("compute_penalty", 0.1) if pol else 0.1
     scores, steps, t0 = [], [], time.time()
     for ti, task in enumerate(EVAL_TASKS):
-        env = HPOEnv(suite, split="train", tasks=[task], compute_penalty=penalty, timing=True)
+        env = HPOEnv(
+            suite,
+            split="train",
+            tasks=[task],
+            compute_penalty=penalty,
+            timing=True,
+            lr_scale=lr_scale,
+        )
         for seed in range(SEEDS_TRAIN):
             r = ev.run_episode(env, task, ev.episode_seed(ti, seed), method, pol)
             scores.append(r["final_score"])
@@ -135,16 +148,20 @@ def write(variants, scores, tests, out_md: Path, base: dict) -> None:
         "`experiments/transfer/variants.toml`).  ",
         f"Train-split score: mean final normalised **validation** score over the default "
         f"suite's first {len(EVAL_TASKS)} train tasks x {SEEDS_TRAIN} random starts "
-        "(lr log-uniform 1e-5..3e-2), with a bootstrap 95% CI; this is the only number used "
-        "to choose a variant. Test-split IQM: normalised test score on the 4 held-out tasks x "
+        "(lr log-uniform 1e-5..3e-2), with a bootstrap 95% CI. Shifted train tasks: the same "
+        "runs with every learning rate multiplied by a hidden factor log-uniform in [1/4, 4] "
+        "(the same factor for every variant on a given task and seed), a train-split proxy "
+        "for a new model whose best learning rate differs. Selection score: the mean of the "
+        "two; it is the only number used to choose a variant. Test-split IQM: normalised test score on the 4 held-out tasks x "
         f"{SEEDS_TEST} seeds, IQM with a 95% stratified bootstrap CI, from `rlhpo compare` "
         "(cells in `compare-test/`); reported, never used to choose. Steps: median optimizer "
         "steps / the static default's. Machine: 2 cores shared between concurrent jobs, 1 torch "
         "thread per process.",
         "",
-        "| variant | what changed | train-split val score [95% CI] | steps (train) "
+        "| variant | what changed | train-split val score [95% CI] | shifted train tasks "
+        "| selection score | steps (train) "
         "| test IQM, default start | test IQM, lr 1e-5 start | steps (test) | training |",
-        "|---|---|---|---:|---|---|---:|---|",
+        "|---|---|---|---|---:|---:|---|---|---:|---|",
     ]
 
     def ci(t):
@@ -153,7 +170,10 @@ def write(variants, scores, tests, out_md: Path, base: dict) -> None:
     for name, change, sc, wall in [
         ("noop", "do nothing (static at the start configuration)", base, None)
     ] + [(v["name"], v["change"], scores.get(v["name"]), v.get("_wall")) for v in variants]:
+        sh = scores.get(name + "@shift")
         trn = f"{sc['mean']:.3f} [{sc['ci'][0]:.3f}, {sc['ci'][1]:.3f}]" if sc else "—"
+        trs = f"{sh['mean']:.3f} [{sh['ci'][0]:.3f}, {sh['ci'][1]:.3f}]" if sh else "—"
+        sel = f"{(sc['mean'] + sh['mean']) / 2:.3f}" if sc and sh else "—"
         stp = f"{sc['steps_ratio']:.2f}x" if sc else "—"
         method = "static" if name == "noop" else name
         d = tests.get((method, "default"))
@@ -162,7 +182,10 @@ def write(variants, scores, tests, out_md: Path, base: dict) -> None:
         tst_l = ci(lo["iqm"]) if lo else "—"
         tsteps = f"{d['steps']:.2f}x" if d else "—"
         tw = f"{wall / 60:.1f} min" if wall else "—"
-        lines.append(f"| {name} | {change} | {trn} | {stp} | {tst_d} | {tst_l} | {tsteps} | {tw} |")
+        lines.append(
+            f"| {name} | {change} | {trn} | {trs} | {sel} | {stp} | {tst_d} | {tst_l} "
+            f"| {tsteps} | {tw} |"
+        )
     out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -182,11 +205,14 @@ def main() -> None:
     if not a.report:
         if "noop" not in scores:
             scores["noop"] = train_score("", method="noop")
+        if "noop@shift" not in scores:
+            scores["noop@shift"] = train_score("", method="noop", lr_scale=SHIFT)
         for v in variants:
-            if v["name"] not in scores:
-                print(f"train split: {v['name']}", flush=True)
-                scores[v["name"]] = train_score(v["policy"])
-                cache.write_text(json.dumps(scores, indent=1) + "\n")
+            for key, shift in ((v["name"], (1.0, 1.0)), (v["name"] + "@shift", SHIFT)):
+                if key not in scores:
+                    print(f"train split: {key}", flush=True)
+                    scores[key] = train_score(v["policy"], lr_scale=shift)
+                    cache.write_text(json.dumps(scores, indent=1) + "\n")
         cache.write_text(json.dumps(scores, indent=1) + "\n")
         if not a.no_test:
             run_test_compare(variants, HERE / "compare-test", a.workers)
