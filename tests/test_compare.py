@@ -298,6 +298,27 @@ def test_an_output_folder_of_another_setup_is_refused(tmp_path):
     assert (out / "results.csv").read_text() == before  # nothing written is lost
 
 
+def test_a_changed_policy_under_the_same_name_is_refused(tmp_path):
+    """Resuming must not mix two policies' cells under one method name."""
+    torch.manual_seed(1)
+    pol = save_policy(tmp_path / "pol", PolicyNet(), suite="tiny")
+    out, one = tmp_path / "cmp", dict(tasks=["bc-mlp"], seeds=[0], starts=["default"])
+    methods = f"policy:{pol}?name=mine"
+    run_comparison(_config(out, methods, **one), show_progress=False)
+    meta = json.loads((out / "compare.json").read_text())
+    assert len(meta["policy_sha256"]["mine"]) == 64
+    again = run_comparison(_config(out, methods, **one), show_progress=False)
+    assert again.ran == 0  # same weights: resumes
+    before = (out / "results.csv").read_text()
+    torch.manual_seed(2)
+    save_policy(tmp_path / "pol", PolicyNet(), suite="tiny")  # retrained in place
+    with pytest.raises(
+        CompareError, match="the policy of method 'mine'.*changed since its cells ran"
+    ):
+        run_comparison(_config(out, methods, **one), show_progress=False)
+    assert (out / "results.csv").read_text() == before
+
+
 def test_wandb_runs_are_written_offline_per_cell(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "cmp"

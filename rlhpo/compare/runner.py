@@ -382,6 +382,9 @@ def _check_folder(cfg: CompareConfig, suite, specs: list[TaskSpec], methods) -> 
             s.name: {"budget_samples": s.budget_samples, "intervals": s.intervals} for s in specs
         },
         "methods": {m.label: m.raw for m in methods},
+        "policy_sha256": {
+            m.label: _weights_digest(m.policy_dir) for m in methods if m.kind == "policy"
+        },
     }
     if not path.exists():
         return {**now, "sessions": []}
@@ -404,9 +407,28 @@ def _check_folder(cfg: CompareConfig, suite, specs: list[TaskSpec], methods) -> 
                 f"{cfg.out}: method name {label!r} meant {prev!r} there, now {raw!r}: "
                 f"rename it with ?name=... or use another --out"
             )
+    for label, digest in now["policy_sha256"].items():
+        prev = old.get("policy_sha256", {}).get(label)
+        if prev is not None and prev != digest:
+            raise CompareError(
+                f"{cfg.out}: the policy of method {label!r} ({now['methods'][label]}) changed "
+                f"since its cells ran (weights sha256 {prev[:12]}... now {digest[:12]}...): "
+                "rename it with ?name=... or use another --out"
+            )
     old["tasks"] = {**old.get("tasks", {}), **now["tasks"]}
     old["methods"] = {**old.get("methods", {}), **now["methods"]}
+    old["policy_sha256"] = {**old.get("policy_sha256", {}), **now["policy_sha256"]}
     return old
+
+
+def _weights_digest(policy_dir: str | None) -> str:
+    """sha256 of a policy's weights file: a resumed comparison must not mix two policies
+    under one method name."""
+    import hashlib
+
+    from rlhpo.policy import WEIGHTS
+
+    return hashlib.sha256((Path(str(policy_dir)) / WEIGHTS).read_bytes()).hexdigest()
 
 
 def plan_cells(
