@@ -299,7 +299,7 @@ def train(
     suite: Annotated[str, typer.Option(help="Suite name under envs/ or path to a TOML file.")] = (
         "default"
     ),
-    timesteps: Annotated[int, typer.Option(help="Env steps in all (20 per episode).")] = 20000,
+    timesteps: Annotated[int, typer.Option(help="Env steps in all (20 per episode).")] = 51200,
     seed: Annotated[int, typer.Option(help="Seed of the agent and the envs.")] = 0,
     n_envs: Annotated[
         int | None, typer.Option(help="Parallel envs (PPO; default from the recipe).")
