@@ -228,7 +228,7 @@ def apply_policy(
             }
         )
         if vs_static:
-            result.static = _static_run(spec, dict(rows[0].__dict__), seed, result)
+            result.static = _static_run(spec, config["start_hp"], seed, result)
             tracker.summary({f"static/{k}": v for k, v in result.static.items()})
         if tracker.wandb_dir is not None:
             result.files["wandb"] = tracker.wandb_dir
@@ -236,13 +236,12 @@ def apply_policy(
     return result
 
 
-def _static_run(spec, first: dict[str, Any], seed: int, res: ApplyResult) -> dict[str, Any]:
+def _static_run(spec, start_hp: dict[str, Any], seed: int, res: ApplyResult) -> dict[str, Any]:
     """The static run from the policy run's start: same hyperparameters, same run seed."""
     from rlhpo.baselines.single import run_single
     from rlhpo.env import run_seed_for
 
-    hp = {"lr": first["lr"], "batch_size": first["batch_size"], "dropout": first["dropout"]}
-    out = run_single(spec, hp, run_seed_for(seed))
+    out = run_single(spec, dict(start_hp), run_seed_for(seed))
     return {
         "test_score": out.test_score,
         "val_score": out.val_score,
