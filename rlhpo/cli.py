@@ -36,7 +36,7 @@ def _fail(msg: str) -> None:
 @app.command()
 def tasks(
     suite: Annotated[
-        str, typer.Option(help="Suite name under envs/ or path to a TOML file.")
+        str, typer.Option(help="Suite name (default, tiny) or path to a TOML file.")
     ] = "default",
     split: Annotated[str, typer.Option(help="train, test or all.")] = "all",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -168,7 +168,7 @@ def show_episode(env, task: str, seed: int, policy: str, start: str) -> None:
 
 
 DEFAULT_METHODS = (
-    "policy:agents/policies/default,static,static-minbs,cosine,step,warmup-cosine,plateau,"
+    "policy:default,static,static-minbs,cosine,step,warmup-cosine,plateau,"
     "optuna-tpe:20,optuna-random:20,optuna-tpe-median:20,pbt:4"
 )
 
@@ -195,12 +195,14 @@ def compare(
     methods: Annotated[
         str,
         typer.Option(
-            help="Comma-separated methods: policy:DIR[?freeze=batch_size,dropout&name=N], "
+            help="Comma-separated methods: policy:DIR|NAME[?freeze=batch_size,dropout&name=N], "
             "static, static-bsN, static-minbs, cosine, step, warmup-cosine[?peak=LR], plateau, "
             "optuna-tpe|random[-median|-hyperband]:N, pbt:N."
         ),
     ] = DEFAULT_METHODS,
-    suite: Annotated[str, typer.Option(help="Suite name under envs/ or TOML path.")] = "default",
+    suite: Annotated[
+        str, typer.Option(help="Suite name (default, tiny) or TOML path.")
+    ] = "default",
     split: Annotated[str, typer.Option(help="train, test or all.")] = "test",
     tasks: Annotated[str, typer.Option(help="Comma-separated task names (default: all).")] = "",
     seeds: Annotated[str, typer.Option(help="A count (0..N-1) or a list: 0,3,7.")] = "5",
@@ -266,7 +268,9 @@ def _show_result(res, console_table) -> None:
 
 @app.command()
 def demo(
-    policy: Annotated[str, typer.Option(help="Policy directory.")] = "",
+    policy: Annotated[
+        str, typer.Option(help="Policy directory or shipped name (default: default).")
+    ] = "",
     task: Annotated[str, typer.Option(help="A held-out (test) task.")] = "mnist1d-cnn",
     seeds: Annotated[int, typer.Option(help="Seeds per cell.")] = 2,
     trials: Annotated[int, typer.Option(help="Optuna TPE trials.")] = 6,
@@ -296,9 +300,9 @@ def demo(
 def train(
     out: Annotated[str, typer.Option(help="Run directory: log, checkpoint, W&B run, policy/.")],
     agent: Annotated[str, typer.Option(help="ppo or reinforce.")] = "ppo",
-    suite: Annotated[str, typer.Option(help="Suite name under envs/ or path to a TOML file.")] = (
-        "default"
-    ),
+    suite: Annotated[
+        str, typer.Option(help="Suite name (default, tiny) or path to a TOML file.")
+    ] = "default",
     timesteps: Annotated[int, typer.Option(help="Env steps in all (20 per episode).")] = 51200,
     seed: Annotated[int, typer.Option(help="Seed of the agent and the envs.")] = 0,
     n_envs: Annotated[
@@ -309,7 +313,8 @@ def train(
         bool, typer.Option("--no-wandb", help="Log only to DIR/log.jsonl.")
     ] = False,
     recipe: Annotated[
-        str | None, typer.Option(help="Recipe TOML (default agents/<agent>.toml).")
+        str | None,
+        typer.Option(help="Recipe TOML (default: the shipped rlhpo/recipes/<agent>.toml)."),
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -366,7 +371,10 @@ app.add_typer(policy_app, name="policy")
 
 @policy_app.command("info")
 def policy_info(
-    path: Annotated[str, typer.Argument(help="Policy directory (manifest.json + weights).")],
+    path: Annotated[
+        str,
+        typer.Argument(help="Policy directory (manifest.json + weights) or shipped name: default."),
+    ],
 ) -> None:
     """Print a policy's manifest and check its weights against it (shapes, dtypes)."""
     from rlhpo.policy import PolicyFileError, load_policy
@@ -399,11 +407,14 @@ def policy_info(
 
 @app.command("apply")
 def apply_cmd(
-    policy: Annotated[str, typer.Option(help="Policy directory (manifest.json + weights).")],
+    policy: Annotated[
+        str,
+        typer.Option(help="Policy directory (manifest.json + weights) or shipped name: default."),
+    ],
     task: Annotated[str, typer.Option(help="Task name in the suite.")],
-    suite: Annotated[str, typer.Option(help="Suite name under envs/ or path to a TOML file.")] = (
-        "default"
-    ),
+    suite: Annotated[
+        str, typer.Option(help="Suite name (default, tiny) or path to a TOML file.")
+    ] = "default",
     seed: Annotated[
         int, typer.Option(help="Run seed (same init and data order as an episode).")
     ] = 0,

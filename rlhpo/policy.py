@@ -181,8 +181,13 @@ def _jsonable(d: Any) -> Any:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a policy's manifest (format and versions), without the weights."""
-    p = Path(path)
+    """Read and check a policy's manifest (format and versions), without the weights.
+
+    ``path`` is a policy directory or the name of a shipped policy (``default``).
+    """
+    from rlhpo.shipped import policy_names, policy_path
+
+    p = policy_path(path)
     if p.is_file():
         with open(p, "rb") as f:
             head = f.read(4)
@@ -195,7 +200,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{p}: a policy is a directory holding {MANIFEST} and {WEIGHTS}, not a file"
         )
     if not p.is_dir():
-        raise PolicyFileError(f"{p}: no such policy directory")
+        raise PolicyFileError(
+            f"{p}: no such policy directory, nor a shipped policy "
+            f"(shipped: {', '.join(policy_names())})"
+        )
     mpath = p / MANIFEST
     if not mpath.is_file():
         raise PolicyFileError(f"{p}: missing {MANIFEST}")
@@ -225,11 +233,14 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Load a policy directory, validating manifest versions and every tensor's shape and dtype."""
+    """Load a policy directory (or a shipped policy by name, ``default``), validating
+    manifest versions and every tensor's shape and dtype."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    p = Path(path)
+    from rlhpo.shipped import policy_path
+
+    p = policy_path(path)
     m = read_manifest(p)
     wpath = p / WEIGHTS
     if not wpath.is_file():

@@ -30,7 +30,7 @@ from rlhpo.trainees import build_trainee
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_suite("envs/tiny.toml")
+    return load_suite("tiny")
 
 
 def test_static_run_is_the_env_episode_with_noop_actions(tiny):

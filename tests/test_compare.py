@@ -32,7 +32,7 @@ from rlhpo.env import HPOEnv
 from rlhpo.policy import PolicyNet, load_policy, save_policy
 from rlhpo.tasks import load_suite
 
-TINY = "envs/tiny.toml"
+TINY = "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Agent recipes: a settings dataclass per agent, filled from ``agents/<agent>.toml``
+"""Agent recipes: a settings dataclass per agent, filled from ``rlhpo/recipes/<agent>.toml``
 and ``key=value`` overrides from the command line."""
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ T = TypeVar("T")
 
 
 def recipes_dir() -> Path:
-    """``agents/`` at the repository root (recipes and released policies)."""
-    return Path(os.environ.get("RLHPO_AGENTS_DIR", Path(__file__).resolve().parents[2] / "agents"))
+    """The shipped recipes, inside the package (``RLHPO_AGENTS_DIR`` overrides it)."""
+    from rlhpo.shipped import recipes_dir as shipped_recipes
+
+    return shipped_recipes()
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,10 +111,9 @@ def schedule_for(kind: str, spec: TaskSpec, batch_size: int) -> LambdaSchedule:
 def tuned_file() -> Path:
     """Where the warm-up + cosine peak tuned on the train split is committed
     (``RLHPO_BASELINES`` overrides the folder)."""
-    folder = os.environ.get("RLHPO_BASELINES")
-    if folder:
-        return Path(folder) / TUNED_FILE
-    return Path(__file__).resolve().parents[2] / "agents" / "baselines" / TUNED_FILE
+    from rlhpo.shipped import calibrated_dir
+
+    return calibrated_dir() / TUNED_FILE
 
 
 def tuned_peak(suite_name: str) -> tuple[float, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from rlhpo.compare.methods import parse_methods
 from rlhpo.compare.runner import CompareConfig, CompareResult, run_comparison
 
-DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "agents" / "policies" / "default"
+DEFAULT_POLICY = "default"  # the shipped policy's name (rlhpo/policies/default)
 
 
 def run_demo(
@@ -22,12 +22,14 @@ def run_demo(
     use_wandb: bool = True,
     console=None,
 ) -> CompareResult:
-    """Run the demo comparison; raises FileNotFoundError naming a missing policy."""
-    policy = Path(policy)
-    if not (policy / "manifest.json").is_file():
+    """Run the demo comparison; raises FileNotFoundError naming a missing policy.
+    ``policy`` is a policy directory or a shipped policy's name."""
+    from rlhpo.shipped import policy_path
+
+    if not (policy_path(policy) / "manifest.json").is_file():
         raise FileNotFoundError(
-            f"the default policy is missing: {policy} holds no manifest.json. Train one with "
-            f"`rlhpo train` and save it there, or pass --policy DIR"
+            f"the policy is missing: {policy} is no policy directory with a manifest.json "
+            f"nor a shipped policy. Train one with `rlhpo train`, or pass --policy DIR"
         )
     out = Path(out) if out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     methods = parse_methods(f"policy:{policy}?name=policy,static,plateau,optuna-tpe:{trials}")

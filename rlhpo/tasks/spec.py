@@ -146,11 +146,10 @@ class Suite:
 
 
 def envs_dir() -> Path:
-    """Folder holding the shipped suites (``RLHPO_ENVS`` overrides it)."""
-    override = os.environ.get("RLHPO_ENVS")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "envs"
+    """Folder holding the shipped suites, inside the package (``RLHPO_ENVS`` overrides it)."""
+    from rlhpo.shipped import suites_dir
+
+    return suites_dir()
 
 
 def resolve_suite_path(suite: str | os.PathLike[str]) -> Path:
