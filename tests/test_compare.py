@@ -5,12 +5,17 @@ and the error messages users see."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -19,14 +24,20 @@ from typer.testing import CliRunner
 
 from rlhpo.cli import app
 from rlhpo.compare import (
+    CellRun,
     CompareConfig,
     CompareError,
+    Method,
     MethodError,
     parse_method,
     parse_methods,
+    plots,
+    report,
+    runner,
     stats,
 )
-from rlhpo.compare.methods import resolve, split_methods
+from rlhpo.compare import methods as methods_module
+from rlhpo.compare.methods import register, resolve, split_methods, start_hp
 from rlhpo.compare.runner import run_comparison
 from rlhpo.env import HPOEnv
 from rlhpo.policy import PolicyNet, load_policy, save_policy
@@ -111,6 +122,76 @@ def test_method_checks_against_the_tasks(tmp_path):
         resolve(parse_method(f"policy:{tmp_path}/none"), "tiny", specs)
     with pytest.raises(MethodError, match="same name 'static'"):
         parse_methods("static,cosine?name=static")
+
+
+def test_a_shipped_policy_is_a_method_by_name():
+    specs = load_suite(TINY).split("test")
+    m = resolve(parse_method("policy:default"), "tiny", specs)
+    assert m.label == "policy:default"
+    shipped = Path(load_policy("default").path) / "policy.safetensors"
+    assert m.fingerprint() == hashlib.sha256(shipped.read_bytes()).hexdigest()
+
+
+def test_report_plots_and_runner_do_not_branch_on_kind():
+    branch = re.compile(r"kind\b[\"'\]]*\s*(==|!=|\bin\b|\bnot in\b)")
+    for module in (report, plots, runner):
+        src = Path(module.__file__).read_text()
+        assert not branch.search(src), f"{module.__name__} branches on a method kind"
+
+
+# -- a method defined outside the package ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _HalfLr(Method):
+    """The start's hyperparameters at half the lr: a method the package does not know."""
+
+    kind: ClassVar[str] = "half-lr"
+    syntax: ClassVar[str] = "half-lr"
+
+    @classmethod
+    def accepts(cls, base):
+        return base == "half-lr"
+
+    @classmethod
+    def parse(cls, text):
+        return cls(text.raw, text.name or text.base)
+
+    def run(self, cell):
+        from rlhpo.baselines import run_single
+        from rlhpo.env import run_seed_for
+
+        hp = start_hp(cell.spec, cell.start)
+        hp["lr"] /= 2
+        return CellRun(run_single(cell.spec, hp, run_seed_for(cell.seed)), detail={"half": 1})
+
+    @classmethod
+    def notes(cls, rows):
+        return [f"- half-lr ran {len(rows)} cell(s)"] if rows else []
+
+
+def test_a_new_method_is_one_class_and_a_registration(tmp_path, monkeypatch):
+    with pytest.raises(MethodError, match="unknown method 'half-lr'"):
+        parse_method("half-lr")
+    monkeypatch.setattr(methods_module, "_REGISTRY", dict(methods_module._REGISTRY))
+    register(_HalfLr)
+    with pytest.raises(ValueError, match="kind 'half-lr' is taken"):
+        register(type("Other", (_HalfLr,), {}))
+    out = tmp_path / "cmp"
+    cfg = _config(
+        out, "static,half-lr", tasks=["bc-mlp"], seeds=[0], starts=["default"], plots=True
+    )
+    res = run_comparison(cfg, show_progress=False)
+    assert res.failed == [] and res.ran == 2
+    rows = {r["method"]: r for r in _rows(out / "results.csv")}
+    assert rows["half-lr"]["kind"] == "half-lr"
+    assert float(rows["half-lr"]["final_lr"]) == pytest.approx(
+        float(rows["static"]["final_lr"]) / 2
+    )
+    assert json.loads(rows["half-lr"]["detail"]) == {"half": 1}
+    summary = (out / "summary.md").read_text()
+    assert "| half-lr | default |" in summary and "- half-lr ran 1 cell(s)" in summary
+    assert (out / "score_vs_compute.png").is_file() and (out / "per_task.png").is_file()
 
 
 # -- statistics ---------------------------------------------------------------
@@ -317,6 +398,21 @@ def test_a_changed_policy_under_the_same_name_is_refused(tmp_path):
     ):
         run_comparison(_config(out, methods, **one), show_progress=False)
     assert (out / "results.csv").read_text() == before
+
+
+def test_a_moved_policy_resumes_under_its_name(tmp_path, policy_dir):
+    """The shipped policies moved into the package: a comparison that named one by its
+    old path resumes when it is named by its new one (same weights, same freeze)."""
+    out, one = tmp_path / "cmp", dict(tasks=["bc-mlp"], seeds=[0], starts=["default"])
+    run_comparison(_config(out, f"policy:{policy_dir}?name=mine", **one), show_progress=False)
+    moved = tmp_path / "moved" / "rand"
+    shutil.copytree(policy_dir, moved)
+    again = run_comparison(_config(out, f"policy:{moved}?name=mine", **one), show_progress=False)
+    assert (again.ran, again.skipped) == (0, 2)
+    with pytest.raises(CompareError, match="'mine' meant"):
+        run_comparison(
+            _config(out, f"policy:{moved}?freeze=dropout&name=mine", **one), show_progress=False
+        )
 
 
 def test_wandb_runs_are_written_offline_per_cell(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def score_vs_compute(path: Path, report, rows, trials, colors) -> Path:
         (axes[1], 1, "wall time (x the static-default run)"),
     ):
         for e in report.entries:
-            if e.kind != "optuna":
+            if not e.method_type.best_of_k:
                 continue
             c = best_of_k(rows, trials, e.method)
             if not c:
@@ -133,7 +133,7 @@ def score_vs_compute(path: Path, report, rows, trials, colors) -> Path:
                         xytext=(3, -10),
                         textcoords="offset points",
                     )
-        singles = [e for e in report.entries if e.kind not in ("optuna", "pbt")]
+        singles = [e for e in report.entries if not e.method_type.searcher]
         for i, e in enumerate(report.entries):
             x = e.samples_ratio if xi == 0 else e.compute_ratio
             p, lo, hi = e.iqm

@@ -8,7 +8,6 @@ warm-up + cosine schedule choose their own hyperparameters and have start ``any`
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from rlhpo.compare import stats
-from rlhpo.compare.methods import ANY_START, MethodSpec
+from rlhpo.compare.methods import ANY_START, Method, method_class, registered
 from rlhpo.tasks.spec import TaskSpec
 
 REFERENCE = ("static", "default")
@@ -82,7 +81,7 @@ class Entry:
 
     method: str
     start: str
-    kind: str
+    kind: str  # results.csv's kind column: which Method class ran it
     by_task: dict[str, list[float]] = field(default_factory=dict)  # normalised test, by seed
     raw_by_task: dict[str, list[float]] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -107,6 +106,10 @@ class Entry:
     def n(self) -> int:
         return len(self.rows)
 
+    @property
+    def method_type(self) -> type[Method]:
+        return method_class(self.kind)
+
 
 @dataclass
 class Report:
@@ -118,7 +121,7 @@ class Report:
     plots: list[Path]
 
 
-def _entry_order(methods: list[MethodSpec], starts: list[str], rows) -> list[tuple[str, str]]:
+def _entry_order(methods: list[Method], starts: list[str], rows) -> list[tuple[str, str]]:
     order: list[tuple[str, str]] = []
     present = {(r["method"], r["start"]) for r in rows}
     if REFERENCE in present:
@@ -138,7 +141,7 @@ def build_entries(
     traces: list[dict[str, Any]],
     trials: list[dict[str, Any]],
     specs: list[TaskSpec],
-    methods: list[MethodSpec],
+    methods: list[Method],
     starts: list[str],
     reps: int = 2000,
 ) -> tuple[list[Entry], dict[str, float]]:
@@ -230,44 +233,15 @@ def _intervals_to_target(entries, traces, trials, targets) -> None:
             for r in e.rows:
                 if r["task"] != task:
                     continue
-                t = targets[task]
                 study = by_study.get((e.method, task, r["seed"]))
-                if e.kind == "optuna" and study:
-                    vals.append(_study_to_target(study, t))
-                elif e.kind == "pbt" and study:
-                    reach = [_trace_first(s["val_trace"], t) for s in study]
-                    vals.append(len(study) * min(reach))
-                else:
-                    vals.append(first.get((e.method, e.start, task, r["seed"]), math.inf))
+                reach = e.method_type.intervals_to_target(study, targets[task]) if study else None
+                if reach is None:
+                    reach = first.get((e.method, e.start, task, r["seed"]), math.inf)
+                vals.append(reach)
             if vals:
                 reached = sum(math.isfinite(v) for v in vals)
                 med = float(np.median(vals)) if reached else math.inf
                 e.to_target[task] = (med, reached, len(vals))
-
-
-def _trace_first(val_trace: str, target: float) -> float:
-    for i, v in enumerate(_trace(val_trace), start=1):
-        if v >= target:
-            return float(i)
-    return math.inf
-
-
-def _trace(val_trace: Any) -> list[float]:
-    if not isinstance(val_trace, str) or not val_trace:
-        return []
-    return [float(x) for x in val_trace.split(";")]
-
-
-def _study_to_target(study: list[dict[str, Any]], target: float) -> float:
-    """Training intervals an Optuna study spent, in trial order, until a trial's
-    validation score first reached ``target``."""
-    spent = 0.0
-    for r in sorted(study, key=lambda r: r["trial"]):
-        hit = _trace_first(r["val_trace"], target)
-        if math.isfinite(hit):
-            return spent + hit
-        spent += r["intervals"] or 0
-    return math.inf
 
 
 # ----------------------------------------------------------------------------
@@ -455,26 +429,13 @@ def summary_markdown(
 
 
 def _method_notes(rows: list[dict[str, Any]]) -> list[str]:
-    notes = []
-    seen = set()
+    """Each method's notes on its own rows, in the registry's order."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r["kind"] == "warmup-cosine" and r["method"] not in seen:
-            d = json.loads(r["detail"] or "{}")
-            seen.add(r["method"])
-            notes.append(
-                f"- `{r['method']}`: peak lr {d.get('peak_lr')} ({d.get('peak_source')}), "
-                "warm-up over the first 10% of the steps from peak/25, then cosine to 0."
-            )
-    if any(r["kind"] == "optuna" for r in rows):
-        notes.append(
-            "- Optuna picks the complete trial with the best final validation score; its "
-            "test score is the one counted. Trial k trains with a seed derived from (seed, k)."
-        )
-    if any(r["kind"] == "pbt" for r in rows):
-        notes.append(
-            "- PBT picks the member with the best final validation score; Ray's scheduling "
-            "is asynchronous, so a rerun with the same seed can differ slightly."
-        )
+        by_kind.setdefault(r["kind"], []).append(r)
+    notes = []
+    for cls in registered():
+        notes += cls.notes(by_kind.get(cls.kind, []))
     return notes
 
 
@@ -508,7 +469,7 @@ def console_table(report: Report, title: str = "comparison"):
 def write_report(
     cfg: Any,
     specs: list[TaskSpec],
-    methods: list[MethodSpec],
+    methods: list[Method],
     raw_rows: list[dict[str, str]],
     meta: dict[str, Any],
     plots: bool = True,

@@ -14,6 +14,7 @@ first and are added when ``static`` is not among the methods.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -32,8 +33,8 @@ from rlhpo.compare.methods import (
     ANY_START,
     Cell,
     CellOutput,
+    Method,
     MethodError,
-    MethodSpec,
     execute_cell,
     parse_method,
     resolve,
@@ -118,7 +119,7 @@ class CompareConfig:
     """Everything ``rlhpo compare`` was asked to do."""
 
     out: Path
-    methods: list[MethodSpec]
+    methods: list[Method]
     suite: str = "default"
     split: str = "test"
     tasks: list[str] | None = None
@@ -344,7 +345,7 @@ def _machine() -> str:
     )
 
 
-def _prepare(cfg: CompareConfig) -> tuple[Any, list[TaskSpec], list[MethodSpec]]:
+def _prepare(cfg: CompareConfig) -> tuple[Any, list[TaskSpec], list[Method]]:
     if cfg.executor not in ("local", "ray"):
         raise CompareError(f"--executor must be local or ray, got {cfg.executor!r}")
     if cfg.workers < 1:
@@ -382,9 +383,8 @@ def _check_folder(cfg: CompareConfig, suite, specs: list[TaskSpec], methods) -> 
             s.name: {"budget_samples": s.budget_samples, "intervals": s.intervals} for s in specs
         },
         "methods": {m.label: m.raw for m in methods},
-        "policy_sha256": {
-            m.label: _weights_digest(m.policy_dir) for m in methods if m.kind == "policy"
-        },
+        # The key's name predates other fingerprints: policies' weights are the only ones.
+        "policy_sha256": _fingerprints(methods),
     }
     if not path.exists():
         return {**now, "sessions": []}
@@ -400,9 +400,10 @@ def _check_folder(cfg: CompareConfig, suite, specs: list[TaskSpec], methods) -> 
             raise CompareError(
                 f"{cfg.out}: task {t!r} had {old['tasks'][t]} there, now {info}: use another --out"
             )
-    for label, raw in now["methods"].items():
+    for m in methods:
+        label, raw = m.label, m.raw
         prev = old.get("methods", {}).get(label)
-        if prev is not None and prev != raw:
+        if prev is not None and not _same_setup(prev, m):
             raise CompareError(
                 f"{cfg.out}: method name {label!r} meant {prev!r} there, now {raw!r}: "
                 f"rename it with ?name=... or use another --out"
@@ -421,18 +422,29 @@ def _check_folder(cfg: CompareConfig, suite, specs: list[TaskSpec], methods) -> 
     return old
 
 
-def _weights_digest(policy_dir: str | None) -> str:
-    """sha256 of a policy's weights file: a resumed comparison must not mix two policies
-    under one method name."""
-    import hashlib
+def _fingerprints(methods: list[Method]) -> dict[str, str]:
+    out = {}
+    for m in methods:
+        digest = m.fingerprint()
+        if digest is not None:
+            out[m.label] = digest
+    return out
 
-    from rlhpo.policy import WEIGHTS
 
-    return hashlib.sha256((Path(str(policy_dir)) / WEIGHTS).read_bytes()).hexdigest()
+def _same_setup(prev_raw: str, method: Method) -> bool:
+    """Whether a label's method string from an earlier session means what ``method``
+    means now (the same method spelt differently, e.g. a policy that moved, still is)."""
+    if prev_raw == method.raw:
+        return True
+    try:
+        prev = parse_method(prev_raw)
+    except MethodError:
+        return False
+    return type(prev) is type(method) and prev.setup() == method.setup()
 
 
 def plan_cells(
-    cfg: CompareConfig, suite, specs: list[TaskSpec], methods: list[MethodSpec]
+    cfg: CompareConfig, suite, specs: list[TaskSpec], methods: list[Method]
 ) -> list[Cell]:
     """All cells of the comparison, cost-reference cells (static, default start) first."""
     comparison = cfg.out.resolve().name
@@ -532,7 +544,7 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
             ready.append(c)
         elif (c.spec.name, c.seed) in refs:
             c.reference = refs[(c.spec.name, c.seed)]
-            (in_driver if c.method.kind == "pbt" else ready).append(c)
+            (in_driver if c.method.runs_in_driver else ready).append(c)
         else:
             waiting.setdefault((c.spec.name, c.seed), []).append(c)
 
@@ -566,7 +578,7 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
             refs[(cell.spec.name, cell.seed)] = _cost(out.row) if out else None
             for c in sorted(waiting.pop((cell.spec.name, cell.seed), []), key=_cost_guess):
                 c.reference = refs[(cell.spec.name, cell.seed)]
-                if c.method.kind == "pbt":
+                if c.method.runs_in_driver:
                     in_driver.append(c)
                 else:
                     ex.submit(c)
@@ -589,29 +601,9 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
                 finish(cell, out, err)
         for c in waiting.values():  # only if a reference never ran
             in_driver.extend(c)
-        # PBT runs in this process after the pool is idle: Ray spreads its members
-        # over the same cores the workers used. One Ray instance serves every PBT cell.
-        started_ray = False
-        if in_driver:
-            from rlhpo.baselines.pbt import ensure_ray
-
-            try:
-                started_ray = ensure_ray(num_cpus=cfg.workers, address=cfg.address)
-            except Exception as e:  # noqa: BLE001 - e.g. Ray not installed: fail these cells
-                for c in in_driver:
-                    finish(c, None, e)
-                in_driver = []
-        try:
-            for c in in_driver:
-                try:
-                    finish(c, execute_cell(c), None)
-                except Exception as e:  # noqa: BLE001
-                    finish(c, None, e)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
+        # Methods that run in this process (PBT) go after the pool is idle: Ray spreads
+        # PBT's members over the same cores the workers used.
+        _run_in_driver(in_driver, cfg, finish)
     except KeyboardInterrupt:
         ex.close(cancel=True)
         if progress:
@@ -658,14 +650,31 @@ def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True)
     )
 
 
+def _run_in_driver(cells: list[Cell], cfg: CompareConfig, finish) -> None:
+    """Run ``cells`` in this process, each method's inside its ``driver_session``
+    (one Ray instance for every PBT cell)."""
+    by_type: dict[type[Method], list[Cell]] = {}
+    for c in cells:
+        by_type.setdefault(type(c.method), []).append(c)
+    for cls, group in by_type.items():
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(cls.driver_session(cfg.workers, cfg.address))
+            except Exception as e:  # noqa: BLE001 - e.g. Ray not installed: fail these cells
+                for c in group:
+                    finish(c, None, e)
+                continue
+            for c in group:
+                try:
+                    finish(c, execute_cell(c), None)
+                except Exception as e:  # noqa: BLE001
+                    finish(c, None, e)
+
+
 def _cost_guess(cell: Cell) -> float:
     """Sort key: long cells first (an Optuna study started last would run alone at
     the end while the other workers idle)."""
-    m = cell.method
-    runs = m.n if m.kind == "optuna" else 3.0 if m.kind == "static" and m.min_batch else 1.0
-    if m.kind == "static" and m.batch_size is not None:
-        runs = max(1.0, cell.spec.default["batch_size"] / m.batch_size)
-    return -runs * cell.spec.budget_samples
+    return -cell.method.cost_runs(cell.spec) * cell.spec.budget_samples
 
 
 def _cost(row: dict[str, Any]) -> dict[str, float]:

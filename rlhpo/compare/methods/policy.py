@@ -1,0 +1,146 @@
+"""A saved policy tuning a run through HPOEnv (the encoder and codec it was trained with)."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rlhpo.compare.methods._base import CellRun, Method, MethodError, MethodText
+from rlhpo.compare.methods._cell import Cell, start_hp
+from rlhpo.knobs import KnobError, check_knob
+from rlhpo.tasks.spec import TaskSpec
+
+_POLICIES: dict[str, Any] = {}
+
+
+def _policy(path: str):
+    from rlhpo.policy import load_policy
+    from rlhpo.shipped import policy_path
+
+    key = str(policy_path(path).resolve())
+    if key not in _POLICIES:
+        _POLICIES[key] = load_policy(key)
+    return _POLICIES[key]
+
+
+@dataclass(frozen=True)
+class PolicyMethod(Method):
+    """``policy:DIR`` or ``policy:NAME`` (a shipped policy, e.g. ``policy:default``);
+    ``?freeze=batch_size,dropout`` keeps those knobs at their start values."""
+
+    policy_dir: str | None = None
+    freeze: tuple[str, ...] = ()
+
+    kind: ClassVar[str] = "policy"
+    syntax: ClassVar[str] = "policy:DIR|NAME[?freeze=KNOB,...]"
+    options: ClassVar[frozenset[str]] = frozenset({"freeze"})
+    takes_arg: ClassVar[bool] = True
+
+    @classmethod
+    def accepts(cls, base: str) -> bool:
+        return base == "policy"
+
+    @classmethod
+    def parse(cls, text: MethodText) -> PolicyMethod:
+        if not text.arg:
+            raise text.error("policy needs a directory: policy:DIR")
+        spec = text.params.get("freeze", "")
+        freeze = tuple(k.strip() for k in re.split(r"[,+]", spec) if k.strip())
+        for k in freeze:
+            try:
+                check_knob(k)
+            except KnobError as e:
+                raise text.error(f"freeze: {e}") from None
+        label = text.name or "policy:" + (Path(text.arg).name or text.arg)
+        if freeze and not text.name:
+            label += "-freeze-" + "+".join(freeze)
+        return cls(text.raw, label, policy_dir=text.arg, freeze=freeze)
+
+    def resolve(self, suite_name: str, specs: list[TaskSpec]) -> PolicyMethod:
+        from rlhpo.policy import PolicyFileError, read_manifest
+
+        try:
+            read_manifest(self.policy_dir)
+        except PolicyFileError as e:
+            raise MethodError(f"method {self.raw!r}: {e}") from None
+        return self
+
+    def setup(self) -> dict[str, Any]:
+        # Where the policy lives may change (the shipped ones moved into the package);
+        # its weights are compared through fingerprint() instead.
+        return {"freeze": self.freeze}
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights file: a resumed comparison must not mix two policies
+        under one method name."""
+        import hashlib
+
+        from rlhpo.policy import WEIGHTS
+        from rlhpo.shipped import policy_path
+
+        return hashlib.sha256(
+            (policy_path(str(self.policy_dir)) / WEIGHTS).read_bytes()
+        ).hexdigest()
+
+    def run(self, cell: Cell) -> CellRun:
+        """A policy run through HPOEnv, deterministic actions, same seed as the baselines."""
+        from rlhpo.baselines.single import RunOutcome, preload
+        from rlhpo.env import HPOEnv
+        from rlhpo.observation import normalised_score
+        from rlhpo.tasks.spec import Suite
+
+        spec = cell.spec
+        policy = _policy(str(self.policy_dir))
+        suite = Suite(name=cell.suite_name, tasks={spec.name: spec}, train=(spec.name,), test=())
+        freeze = tuple(sorted(set(self.freeze) | set(policy.freeze)))
+        env = HPOEnv(suite, split="train", freeze=freeze, timing=True)
+        preload(spec)
+        hp = start_hp(spec, cell.start)
+        t0 = time.perf_counter()
+        obs, info = env.reset(seed=cell.seed, options={"task": spec.name, "hp": hp})
+        trace = [_env_row(info, t0)]
+        done = False
+        while not done:
+            obs, _, term, trunc, info = env.step(policy.act(obs))
+            trace.append(_env_row(info, t0))
+            done = term or trunc
+        wall = time.perf_counter() - t0
+        train_time = env.trainee.wall_time
+        test = env.test_score()["score"]
+        n_classes = env.trainee.data.n_classes
+        diverged = bool(info["diverged"])
+        out = RunOutcome(
+            val_score=info["val_score"],
+            val_norm=info["val_norm_score"],
+            test_score=test,
+            test_norm=0.0 if diverged else normalised_score(spec.metric, test, n_classes),
+            samples=info["samples"],
+            optimizer_steps=info["optimizer_steps"],
+            wall_time=wall,
+            train_time=train_time,
+            diverged=diverged,
+            hp=info["hp"],
+            intervals=info["interval"],
+            trace=trace,
+        )
+        return CellRun(out)
+
+
+def _env_row(info: dict[str, Any], t0: float) -> dict[str, Any]:
+    return {
+        "interval": info["interval"],
+        "samples": info["samples"],
+        "optimizer_steps": info["optimizer_steps"],
+        "wall_time": time.perf_counter() - t0,
+        "val_score": info["val_score"],
+        "norm_val_score": info["val_norm_score"],
+        "val_loss": info["val_loss"],
+        "train_loss": info["train_loss"],
+        "lr": info["hp"]["lr"],
+        "batch_size": info["hp"]["batch_size"],
+        "dropout": info["hp"]["dropout"],
+        "diverged": info["diverged"],
+    }
