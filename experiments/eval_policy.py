@@ -10,7 +10,7 @@ the data order; every task gets its own ``--seeds`` starts (env seed
 optimizer steps / steps at the task's default batch size, training wall time.
 Test splits are not touched.
 
-    python experiments/eval_policy.py --policy default=agents/policies/default \
+    python experiments/eval_policy.py --policy default=rlhpo/policies/default \
         --seeds 6 --out experiments/results/eval_default_policy.md
 """
 

@@ -1,7 +1,7 @@
 """Plot a training run's curve from its JSONL log (``DIR/log.jsonl``).
 
     python experiments/plot_training_curve.py runs/ppo-default/log.jsonl \
-        agents/policies/default/training_curve.png
+        rlhpo/policies/default/training_curve.png
 """
 
 from __future__ import annotations

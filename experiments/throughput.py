@@ -409,7 +409,7 @@ PPO_CONFIGS = [
 
 def run_ppo(timesteps: int, seed: int = 0) -> list[dict]:
     """Wall time of SB3 PPO for ``timesteps`` env steps on the default train split,
-    with the shipped recipe's settings (agents/ppo.toml), by vector env. Every
+    with the shipped recipe's settings (rlhpo/recipes/ppo.toml), by vector env. Every
     configuration collects rollouts of 256 env steps (n_envs x n_steps)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecNormalize
@@ -468,7 +468,7 @@ def write_ppo(rows: list[dict], timesteps: int, load) -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work "
         f"(load average {load[0]:.1f} at start, {load[1]:.1f} at end), 1 torch thread per "
         "process.  ",
-        "SB3 PPO with the shipped recipe's settings (agents/ppo.toml: lr 3e-4, batch 64, "
+        "SB3 PPO with the shipped recipe's settings (rlhpo/recipes/ppo.toml: lr 3e-4, batch 64, "
         "10 epochs, gamma 1, VecNormalize) on the default suite's train split, full "
         "budget, seed 0; every configuration collects 256-step rollouts (n_envs x "
         "n_steps). Wall time includes env construction and the first resets. The "

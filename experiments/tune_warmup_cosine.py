@@ -8,7 +8,7 @@ the ``warmup-cosine`` method of ``rlhpo compare``:
 
     python experiments/tune_warmup_cosine.py --suite default --seeds 3 --workers 2
 
-writes ``agents/baselines/warmup_cosine.json`` (merged per suite) and
+writes ``rlhpo/baselines/calibrated/warmup_cosine.json`` (merged per suite) and
 ``experiments/results/warmup_cosine_tuning.md``.
 """
 
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", default="0.0005,0.001,0.002,0.005,0.01,0.02,0.05")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "agents" / "baselines" / "warmup_cosine.json"))
+    p.add_argument(
+        "--out", default=str(ROOT / "rlhpo" / "baselines" / "calibrated" / "warmup_cosine.json")
+    )
     p.add_argument(
         "--table", default=str(ROOT / "experiments" / "results" / "warmup_cosine_tuning.md")
     )

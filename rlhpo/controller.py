@@ -10,7 +10,7 @@ module) and batch size (a batch sampler it provides, or a setter you give it).
 Independently of the policy, a non-finite or exploding loss rolls the run back to
 the last good interval and lowers the learning rate.
 
-    ctl = Controller.load("agents/policies/default", optimizer=opt, model=model,
+    ctl = Controller.load("default", optimizer=opt, model=model,
                           budget_samples=30 * len(train_set), n_classes=10)
     loader = ctl.loader(train_set)            # its batch size follows the policy
     ctl.start(val_loss=..., val_score=...)    # optional: the untrained model's evaluation

@@ -23,7 +23,7 @@ class HPOEnv(gym.Env):
     """Tune learning rate, batch size and dropout of a training run while it trains.
 
     ## Description
-    An episode is one training run of a task from a suite (``envs/*.toml``). The
+    An episode is one training run of a task from a suite (``rlhpo/suites/*.toml``). The
     task's budget, counted in training samples, is cut into ``intervals`` equal
     parts; each step applies the action to the live run's hyperparameters, trains
     one interval, and evaluates on the validation split. The test split is never
@@ -63,7 +63,7 @@ class HPOEnv(gym.Env):
     on divergence.
 
     ## Arguments
-    - ``suite``: suite name under ``envs/`` or path to a TOML file (default ``"default"``).
+    - ``suite``: suite name (``rlhpo/suites/NAME.toml``) or path to a TOML file (default ``"default"``).
     - ``split``: ``"train"``, ``"test"`` or ``"all"``.
     - ``tasks``: optional list of task names to restrict to.
     - ``budget_scale``: multiply every task's sample budget (tests, quick demos).

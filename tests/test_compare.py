@@ -61,10 +61,10 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_method_strings_parse():
-    m = parse_method("policy:agents/policies/default?freeze=batch_size,dropout")
+    m = parse_method("policy:rlhpo/policies/default?freeze=batch_size,dropout")
     assert (m.kind, m.policy_dir, m.freeze) == (
         "policy",
-        "agents/policies/default",
+        "rlhpo/policies/default",
         ("batch_size", "dropout"),
     )
     assert m.label == "policy:default-freeze-batch_size+dropout"

@@ -45,7 +45,9 @@ def test_wheel_installs_with_its_data_and_runs_outside_the_repo(tmp_path):
     shutil.copytree(ROOT / "rlhpo", src / "rlhpo", ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", str(src)], tmp_path, env)
+    _run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", str(src)], tmp_path, env
+    )
     (wheel,) = (tmp_path / "dist").glob("rlhpo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [f for f in DATA if f not in names]

@@ -45,7 +45,7 @@ COMPUTE_NOTE = (
 
 @dataclass
 class PPOSettings:
-    """PPO recipe (``agents/ppo.toml``); every field can be overridden with ``--set``."""
+    """PPO recipe (``rlhpo/recipes/ppo.toml``); every field can be overridden with ``--set``."""
 
     split: str = "train"
     """Suite split to train on; never ``test``."""

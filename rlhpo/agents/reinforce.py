@@ -42,7 +42,7 @@ from rlhpo.runtime import limit_threads
 
 @dataclass
 class ReinforceSettings:
-    """REINFORCE recipe (``agents/reinforce.toml``); override any field with ``--set``."""
+    """REINFORCE recipe (``rlhpo/recipes/reinforce.toml``); override any field with ``--set``."""
 
     split: str = "train"
     """Suite split to train on; never ``test``."""

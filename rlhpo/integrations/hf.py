@@ -6,7 +6,7 @@
                              eval_strategy="epoch", logging_strategy="epoch")
     trainer = Trainer(model=model, args=args, train_dataset=..., eval_dataset=...,
                       compute_metrics=accuracy)      # must return {"accuracy": ...}
-    RLHPOCallback("agents/policies/default", batch_size=64).attach(trainer)
+    RLHPOCallback("default", batch_size=64).attach(trainer)
     trainer.train()
 
 At each evaluation during training the callback reports ``eval_loss``, the

@@ -2,7 +2,7 @@
 
     from rlhpo.integrations.lightning import RLHPOCallback
 
-    trainer = L.Trainer(max_epochs=20, callbacks=[RLHPOCallback("agents/policies/default",
+    trainer = L.Trainer(max_epochs=20, callbacks=[RLHPOCallback("default",
                                                                 n_classes=10)])
     trainer.fit(module, DataLoader(train_set, batch_size=16, shuffle=True), val_loader)
 
