@@ -102,7 +102,10 @@ def _train_both(spec, exact, hps, seeds, schedule):
         want = [t.train(n) for t in trs]
         for a, b in zip(got, want, strict=True):
             assert (a.samples, a.steps, a.diverged) == (b.samples, b.steps, b.diverged)
-            assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+            # Stacked and unbatched convolutions sum in different orders, and which
+            # order the CPU kernels pick depends on the processor: measured 3.6e-5
+            # relative on an AMD EPYC after 3 intervals, against <1e-5 on Intel.
+            assert a.train_loss == pytest.approx(b.train_loss, rel=1e-4)
     return runs, trs, group
 
 
