@@ -22,7 +22,7 @@ def measure(kind: str, n_envs: int, steps: int, seed: int) -> float:
 
     from rlhpo.agents.envs import make_vec_env
 
-    venv = make_vec_env(suite="default", split="train", n_envs=n_envs, seed=seed, vec_env=kind)
+    venv = make_vec_env(suite="default-v1", split="train", n_envs=n_envs, seed=seed, vec_env=kind)
     rng = np.random.default_rng(seed)
     venv.reset()
     t0 = time.perf_counter()

@@ -72,7 +72,7 @@ def one_run(spec, policy, seed: int, controlled: bool) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["mnist1d-mlp", "seq-transformer"])
-    ap.add_argument("--suite", default="default")
+    ap.add_argument("--suite", default="default-v1")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
         "--policy",

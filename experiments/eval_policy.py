@@ -80,7 +80,7 @@ def bootstrap_ci(x: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policy", action="append", required=True, help="NAME=DIR (repeatable)")
-    ap.add_argument("--suite", default="default")
+    ap.add_argument("--suite", default="default-v1")
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--budget-scale", type=float, default=1.0)
     ap.add_argument("--tasks", nargs="*", default=None, help="subset of the train split")

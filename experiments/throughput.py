@@ -76,7 +76,7 @@ class _Stepper:
     def __init__(self, task: str, backend: str, n_envs: int, procs: int, seed: int):
         self.backend, self.n = backend, n_envs
         self.venv = make_vec_env(
-            "default",
+            "default-v1",
             "all",
             n_envs=n_envs,
             seed=seed,
@@ -129,7 +129,7 @@ def measure_task(task: str, confs: list[tuple[str, int, int]], seconds: float, s
 
 def _memory_child(task: str, backend: str, n_envs: int, procs: int, queue) -> None:
     limit_threads()
-    task_data(load_suite("default").task(task))
+    task_data(load_suite("default-v1").task(task))
     before = _rss()
     st = _Stepper(task, backend, n_envs, procs, seed=0)
     st.step()
@@ -156,7 +156,7 @@ def measure_memory(task: str, backend: str, n_envs: int, procs: int) -> float:
 
 def state_kib(task: str) -> float:
     """Weights + Adam state of one model (the same in every backend)."""
-    spec = load_suite("default").task(task)
+    spec = load_suite("default-v1").task(task)
     return BatchedTrainee(spec).add(seed=0).state_bytes() / 1024
 
 
@@ -204,7 +204,7 @@ def run_kernels(ks=(8, 32), bs: int = 64, reps: int = 30) -> list[tuple[str, int
     from torch.func import functional_call, grad, stack_module_state, vmap
     from torch.nn import functional as F
 
-    spec = load_suite("default").task("mnist1d-mlp")
+    spec = load_suite("default-v1").task("mnist1d-mlp")
     data = task_data(spec)
     out = []
     tr = build_trainee(spec, {"batch_size": bs}, seed=0)
@@ -293,7 +293,7 @@ def run_chunks(tasks, n: int = 32, sizes=(65536, 262144, 1048576), bss=(16, 64, 
     """Milliseconds per run-interval of the batched backend by chunk size."""
     out = []
     for task in tasks:
-        spec = load_suite("default").task(task)
+        spec = load_suite("default-v1").task(task)
         for bs in bss:
             row = []
             for ce in sizes:
@@ -418,7 +418,7 @@ def run_ppo(timesteps: int, seed: int = 0) -> list[dict]:
     for backend, n_envs, n_steps, procs in PPO_CONFIGS:
         t0 = time.perf_counter()
         venv = make_vec_env(
-            "default",
+            "default-v1",
             "train",
             n_envs=n_envs,
             seed=seed,
@@ -514,7 +514,7 @@ def main() -> None:
         write_ppo(run_ppo(args.ppo), args.ppo, (load0, os.getloadavg()[0]))
         return
     for t in args.tasks:
-        task_data(load_suite("default").task(t))  # dataset built before any timing
+        task_data(load_suite("default-v1").task(t))  # dataset built before any timing
     kernels = run_kernels() if args.kernels else None
     if kernels:
         for name, k, t in kernels:

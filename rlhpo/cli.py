@@ -39,9 +39,17 @@ def tasks(
         str, typer.Option(help="Suite name (default, tiny) or path to a TOML file.")
     ] = "default",
     split: Annotated[str, typer.Option(help="train, test or all.")] = "all",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print JSON (suite, families, tasks, folds) instead of tables."
+        ),
+    ] = False,
+    folds: Annotated[
+        bool, typer.Option("--folds", help="Also list the leave-one-family-out folds.")
+    ] = False,
 ) -> None:
-    """List the tasks of a suite: dataset, model, budget and metric."""
+    """List a suite's task families, its tasks (drawn instances included) and folds."""
     from rlhpo.tasks import SpecError, load_suite
 
     try:
@@ -54,28 +62,53 @@ def tasks(
         row = t.summary()
         row["split"] = "train" if t.name in s.train else "test"
         rows.append(row)
+    fold_rows = [
+        {"held_out_family": f.family, "train": list(f.train), "val": list(f.val)} for f in s.folds()
+    ]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        doc = {
+            "suite": s.name,
+            "seed": s.seed,
+            "split": split,
+            "families": [f.summary() for f in s.families],
+            "tasks": rows,
+            "folds": fold_rows,
+        }
+        typer.echo(json.dumps(doc, indent=2))
         return
+    if s.families:
+        ft = Table(title=f"suite {s.name!r}: families (instances drawn with seed {s.seed})")
+        for col in ("family", "instances", "models", "datasets", "ranges"):
+            ft.add_column(col, justify="right" if col == "instances" else "left")
+        for f in s.families:
+            ranges = ", ".join(f"{k}={v}" for k, v in f.ranges.items())
+            ft.add_row(f.name, str(f.instances), ",".join(f.models), ",".join(f.datasets), ranges)
+        console.print(ft)
+    cols = (
+        "name",
+        "split",
+        "family",
+        "dataset",
+        "model",
+        "optimizer",
+        "metric",
+        "budget_samples",
+        "intervals",
+    )
     table = Table(title=f"suite {s.name!r} ({split})")
-    for col in ("name", "split", "dataset", "model", "metric", "budget_samples", "intervals"):
+    for col in cols:
         table.add_column(col, justify="right" if col in ("budget_samples", "intervals") else "left")
     for r in rows:
-        table.add_row(
-            *(
-                str(r[c])
-                for c in (
-                    "name",
-                    "split",
-                    "dataset",
-                    "model",
-                    "metric",
-                    "budget_samples",
-                    "intervals",
-                )
-            )
-        )
+        table.add_row(*(str(r[c]) for c in cols))
     console.print(table)
+    if folds:
+        if not fold_rows:
+            typer.echo("no folds: the train split holds fewer than two families")
+        for f in fold_rows:
+            typer.echo(
+                f"fold {f['held_out_family']}: train {len(f['train'])} tasks, "
+                f"val {', '.join(f['val'])}"
+            )
 
 
 @app.command()

@@ -50,10 +50,10 @@ BatchSizeSetter = Callable[[int], "int | None"]
 
 
 def default_space() -> SearchSpace:
-    """The search space of the default suite (the one shipped policies are trained on)."""
+    """The search space of the suite the shipped policies were trained on (default-v1)."""
     from rlhpo.tasks import load_suite
 
-    suite = load_suite("default")
+    suite = load_suite("default-v1")
     return suite.task(suite.train[0]).space
 
 

@@ -11,7 +11,7 @@ from rlhpo.tasks import load_suite  # noqa: E402
 
 @pytest.fixture(scope="session")
 def suite():
-    return load_suite("default")
+    return load_suite("default-v1")
 
 
 BASE_TASK = """

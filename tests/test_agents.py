@@ -28,7 +28,9 @@ from rlhpo.cli import app
 from rlhpo.policy import load_policy
 
 TINY = {"tasks": ("wine-mlp", "digits-mlp"), "budget_scale": 0.02}
-TINY_SET = ["--set", "budget_scale=0.02", "--set", 'tasks=["wine-mlp","digits-mlp"]']
+# The tasks above are in the first default suite, kept as default-v1.
+V1 = "default-v1"
+TINY_SET = ["--suite", V1, "--set", "budget_scale=0.02", "--set", 'tasks=["wine-mlp","digits-mlp"]']
 
 
 def tiny_ppo(**kw) -> PPOSettings:
@@ -47,7 +49,7 @@ def test_exported_policy_acts_like_sb3(tmp_path):
     from rlhpo.agents.ppo import _build_model, normalize
 
     s = tiny_ppo()
-    venv = normalize(make_vec_env(n_envs=2, seed=0, vec_env="dummy", **TINY), s)
+    venv = normalize(make_vec_env(n_envs=2, seed=0, vec_env="dummy", suite=V1, **TINY), s)
     model = _build_model(s, venv, seed=0)
     assert isinstance(model, PPO)
     model.learn(80)  # moves the weights and the VecNormalize statistics off their init
@@ -72,24 +74,24 @@ def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
     from rlhpo.agents.envs import make_vec_env
     from rlhpo.vec_env import BatchedVecEnv
 
-    venv = make_vec_env(n_envs=4, seed=0, vec_env="batched", **TINY)
+    venv = make_vec_env(n_envs=4, seed=0, vec_env="batched", suite=V1, **TINY)
     assert isinstance(venv.unwrapped, BatchedVecEnv) and venv.num_envs == 4
     venv.close()
     out = tmp_path / "run"
     s = tiny_ppo(n_envs=4, vec_env="batched", n_steps=10)
-    info = train_ppo(s, out, timesteps=80, seed=0, show_progress=False)
+    info = train_ppo(s, out, timesteps=80, seed=0, show_progress=False, suite=V1)
     assert info["timesteps"] >= 80 and info["episodes"] > 0
     assert load_policy(out / "policy").manifest["recipe"]["vec_env"] == "batched"
     with pytest.raises(ValueError, match="n_procs must be >= 1, got 0"):
-        make_vec_env(n_envs=2, vec_env="batched", n_procs=0, **TINY)
+        make_vec_env(n_envs=2, vec_env="batched", n_procs=0, suite=V1, **TINY)
     # "auto" (the recipe's default): batched where a task is batchable, else one model
     # per env, in subprocesses only when there are no more envs than cores.
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    auto = make_vec_env(n_envs=3, vec_env="auto", **TINY)
+    auto = make_vec_env(n_envs=3, vec_env="auto", suite=V1, **TINY)
     assert isinstance(auto.unwrapped, BatchedVecEnv)
     auto.close()
-    gru = make_vec_env(n_envs=64, vec_env="auto", tasks=["seq-gru"], budget_scale=0.02)
+    gru = make_vec_env(suite=V1, n_envs=64, vec_env="auto", tasks=["seq-gru"], budget_scale=0.02)
     assert isinstance(gru, DummyVecEnv) and gru.num_envs == 64
     gru.close()
 
@@ -97,10 +99,10 @@ def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
 def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
-    info = train_ppo(tiny_ppo(), out, timesteps=80, seed=0, show_progress=False)
+    info = train_ppo(tiny_ppo(), out, timesteps=80, seed=0, show_progress=False, suite=V1)
     pol = load_policy(out / "policy")
     m = pol.manifest
-    assert m["agent"] == "ppo" and m["suite"] == "default" and m["split"] == "train"
+    assert m["agent"] == "ppo" and m["suite"] == V1 and m["split"] == "train"
     assert m["timesteps"] == info["timesteps"] >= 80 and m["seed"] == 0
     assert m["env"] == {
         "compute_penalty": 0.1,
@@ -147,14 +149,16 @@ def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
 
 def test_no_wandb_writes_only_jsonl(tmp_path):
     out = tmp_path / "run"
-    train_ppo(tiny_ppo(), out, timesteps=40, seed=1, use_wandb=False, show_progress=False)
+    train_ppo(tiny_ppo(), out, timesteps=40, seed=1, use_wandb=False, show_progress=False, suite=V1)
     assert (out / "log.jsonl").is_file() and not (out / "wandb").exists()
 
 
 def test_reinforce_learns_a_policy_file(tmp_path):
     torch.manual_seed(0)
     s = ReinforceSettings(**TINY, episodes_per_batch=2, checkpoint_every_s=0)
-    info = train_reinforce(s, tmp_path / "rf", timesteps=80, use_wandb=False, show_progress=False)
+    info = train_reinforce(
+        s, tmp_path / "rf", timesteps=80, use_wandb=False, show_progress=False, suite=V1
+    )
     pol = load_policy(tmp_path / "rf" / "policy")
     assert pol.manifest["agent"] == "reinforce" and info["timesteps"] >= 80
     obs = np.zeros((3, 16), dtype=np.float32)
@@ -258,10 +262,12 @@ def test_kill_then_resume_continues(tmp_path):
 def test_resume_in_process_without_normalisation(tmp_path):
     s = tiny_ppo(norm_obs=False, norm_reward=False)
     out = tmp_path / "run"
-    first = train_ppo(s, out, timesteps=40, use_wandb=False, show_progress=False)
+    first = train_ppo(s, out, timesteps=40, use_wandb=False, show_progress=False, suite=V1)
     _, meta = load_checkpoint(out)
     assert meta["timesteps"] == first["timesteps"] == 40 and meta["vecnorm"] == {}
-    info = train_ppo(s, out, timesteps=120, resume=True, use_wandb=False, show_progress=False)
+    info = train_ppo(
+        s, out, timesteps=120, resume=True, use_wandb=False, show_progress=False, suite=V1
+    )
     assert info["timesteps"] >= 120 and info["resumes"] == 1
     assert info["episodes"] > first["episodes"]
     net = load_policy(out / "policy").net
@@ -315,7 +321,7 @@ def test_train_refuses_test_split(tmp_path):
 def test_eval_and_plot_scripts_run(tmp_path):
     """Smoke: the committed experiment scripts run end to end on a tiny budget."""
     out = tmp_path / "run"
-    train_ppo(tiny_ppo(), out, timesteps=80, seed=0, use_wandb=False, show_progress=False)
+    train_ppo(tiny_ppo(), out, timesteps=80, seed=0, use_wandb=False, show_progress=False, suite=V1)
     root = Path(__file__).resolve().parents[1]
     md = tmp_path / "eval.md"
     r = subprocess.run(

@@ -42,7 +42,7 @@ def forced_policy(path, lr=3, batch=2, dropout=2):
 )
 def test_controller_observations_equal_env(tmp_path, task, seed):
     policy = load_policy(random_policy(tmp_path / "pol", seed=seed))
-    env = HPOEnv("default", split="all", tasks=[task], budget_scale=0.05)
+    env = HPOEnv("default-v1", split="all", tasks=[task], budget_scale=0.05)
     spec = env.tasks[task]
     obs, info = env.reset(seed=seed, options={"task": task, "start": "default"})
 
@@ -249,7 +249,8 @@ def _apply_cli(tmp_path, *extra):
     from rlhpo.cli import app
 
     pol = random_policy(tmp_path / "pol", seed=1)
-    args = ["apply", "--policy", str(pol), "--task", "breast_cancer-mlp", "--seed", "0"]
+    args = ["apply", "--policy", str(pol), "--task", "breast_cancer-mlp", "--suite", "default-v1"]
+    args += ["--seed", "0"]
     return CliRunner().invoke(app, [*args, "--budget-scale", "0.1", *extra])
 
 
@@ -283,10 +284,10 @@ def test_apply_vs_static_runs_the_same_start_unchanged(tmp_path):
     from rlhpo.tasks import load_suite
 
     pol = random_policy(tmp_path / "pol", seed=1)
-    kw = dict(seed=3, start="low-lr", budget_scale=0.1, use_wandb=False)
+    kw = dict(seed=3, start="low-lr", budget_scale=0.1, use_wandb=False, suite="default-v1")
     res = apply_policy(pol, "breast_cancer-mlp", out_dir=tmp_path / "a", vs_static=True, **kw)
     st = res.static
-    spec = load_suite("default").task("breast_cancer-mlp").scaled(0.1)
+    spec = load_suite("default-v1").task("breast_cancer-mlp").scaled(0.1)
     hp = {"lr": 1e-5, "batch_size": 64, "dropout": 0.1}
     want = run_single(spec, hp, run_seed_for(3))
     assert st["test_score"] == want.test_score and st["optimizer_steps"] == want.optimizer_steps

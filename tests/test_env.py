@@ -14,14 +14,20 @@ from tests.conftest import BASE_TASK
 
 def test_registered_and_passes_gymnasium_checker():
     assert ENV_ID in gym.registry
-    env = gym.make(ENV_ID, split="train", tasks=["digits-mlp", "wine-mlp"], budget_scale=0.05)
+    env = gym.make(
+        ENV_ID,
+        suite="default-v1",
+        split="train",
+        tasks=["digits-mlp", "wine-mlp"],
+        budget_scale=0.05,
+    )
     gym_check_env(env.unwrapped, skip_render_check=True)
 
 
 def test_passes_sb3_checker():
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    env = HPOEnv("default", tasks=["breast_cancer-mlp", "regression-mlp"], budget_scale=0.05)
+    env = HPOEnv("default-v1", tasks=["breast_cancer-mlp", "regression-mlp"], budget_scale=0.05)
     sb3_check_env(env, warn=True)
 
 
@@ -42,9 +48,11 @@ def _episode(env, seed, task, actions_seed=0):
 
 @pytest.mark.parametrize("task", ["digits-mlp", "mnist1d-cnn", "seq-transformer"])
 def test_same_seed_same_episode(task):
-    env = HPOEnv("default", split="all", tasks=[task], budget_scale=0.05)
+    env = HPOEnv("default-v1", split="all", tasks=[task], budget_scale=0.05)
     o1, r1, i1 = _episode(env, 7, task)
-    o2, r2, i2 = _episode(HPOEnv("default", split="all", tasks=[task], budget_scale=0.05), 7, task)
+    o2, r2, i2 = _episode(
+        HPOEnv("default-v1", split="all", tasks=[task], budget_scale=0.05), 7, task
+    )
     np.testing.assert_array_equal(o1, o2)
     np.testing.assert_array_equal(r1, r2)
     o3, _, _ = _episode(env, 8, task)
@@ -63,7 +71,7 @@ def test_random_episode_on_every_task(suite):
 
 
 def test_return_is_final_minus_initial_score_and_info_is_complete():
-    env = HPOEnv("default", tasks=["digits-mlp"], budget_scale=0.1, compute_penalty=0.0)
+    env = HPOEnv("default-v1", tasks=["digits-mlp"], budget_scale=0.1, compute_penalty=0.0)
     obs, info0 = env.reset(seed=1, options={"task": "digits-mlp", "start": "default"})
     ret, done = 0.0, False
     while not done:
@@ -77,7 +85,7 @@ def test_return_is_final_minus_initial_score_and_info_is_complete():
 
 
 def test_small_batches_pay_a_compute_charge():
-    env = HPOEnv("default", tasks=["digits-mlp"], compute_penalty=0.5)
+    env = HPOEnv("default-v1", tasks=["digits-mlp"], compute_penalty=0.5)
     env.reset(seed=0, options={"hp": {"batch_size": 32}})
     _, _, _, _, info = env.step((2, 0, 1))  # batch 32 -> 16: 4x the default's steps
     assert info["hp"]["batch_size"] == 16
@@ -106,19 +114,19 @@ def test_test_split_never_reaches_observation_or_reward(monkeypatch):
     monkeypatch.setattr(
         Trainee, "evaluate", lambda self, split="val": seen.append(split) or orig(self, split)
     )
-    _episode(HPOEnv("default", tasks=["wine-mlp"], budget_scale=0.2), 0, "wine-mlp")
+    _episode(HPOEnv("default-v1", tasks=["wine-mlp"], budget_scale=0.2), 0, "wine-mlp")
     assert seen and set(seen) == {"val"}
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="task 'nope' is not in"):
-        HPOEnv("default", tasks=["digits-mlp"]).reset(options={"task": "nope"})
+        HPOEnv("default-v1", tasks=["digits-mlp"]).reset(options={"task": "nope"})
     with pytest.raises(ValueError, match="budget_scale must be > 0, got 0"):
-        HPOEnv("default", budget_scale=0)
+        HPOEnv("default-v1", budget_scale=0)
     with pytest.raises(ValueError, match="unknown knobs"):
-        HPOEnv("default", tasks=["digits-mlp"]).reset(options={"hp": {"momentum": 0.9}})
+        HPOEnv("default-v1", tasks=["digits-mlp"]).reset(options={"hp": {"momentum": 0.9}})
     with pytest.raises(ValueError, match=r"action\[0\] must be an integer in \[0, 4\], got 7"):
-        env = HPOEnv("default", tasks=["wine-mlp"], budget_scale=0.1)
+        env = HPOEnv("default-v1", tasks=["wine-mlp"], budget_scale=0.1)
         env.reset(seed=0)
         env.step(np.array([7, 1, 1]))
 
@@ -127,8 +135,8 @@ def test_lr_scale_trains_with_a_hidden_factor_on_the_learning_rate():
     """lr_scale (domain randomisation): the run trains with c x the learning rate the
     policy sets and sees; everything else is the episode of an unscaled env."""
     kw = dict(split="all", tasks=["digits-mlp"], budget_scale=0.05)
-    scaled = HPOEnv("default", lr_scale=(4.0, 4.0), **kw)
-    plain = HPOEnv("default", **kw)
+    scaled = HPOEnv("default-v1", lr_scale=(4.0, 4.0), **kw)
+    plain = HPOEnv("default-v1", **kw)
     o1, i1 = scaled.reset(seed=3, options={"task": "digits-mlp", "hp": {"lr": 1e-3}})
     o2, i2 = plain.reset(seed=3, options={"task": "digits-mlp", "hp": {"lr": 4e-3}})
     assert i1["hp"]["lr"] == 1e-3 and scaled.trainee.hp["lr"] == 4e-3 and i1["lr_scale"] == 4.0
@@ -140,11 +148,11 @@ def test_lr_scale_trains_with_a_hidden_factor_on_the_learning_rate():
         assert scaled.trainee.hp["lr"] == pytest.approx(4 * i1["hp"]["lr"])
         assert i2["hp"]["lr"] == pytest.approx(4 * i1["hp"]["lr"])
         assert o1[1] < o2[1]  # but the policy sees the unscaled learning rate
-    rand = HPOEnv("default", lr_scale=(0.25, 4.0), **kw)
+    rand = HPOEnv("default-v1", lr_scale=(0.25, 4.0), **kw)
     cs = [rand.reset(seed=s)[1]["lr_scale"] for s in range(20)]
     assert all(0.25 <= c <= 4.0 for c in cs) and len(set(cs)) == 20
     assert [
-        HPOEnv("default", lr_scale=(0.25, 4.0), **kw).reset(seed=s)[1]["lr_scale"]
+        HPOEnv("default-v1", lr_scale=(0.25, 4.0), **kw).reset(seed=s)[1]["lr_scale"]
         for s in range(20)
     ] == cs
     for bad, msg in (
@@ -153,13 +161,13 @@ def test_lr_scale_trains_with_a_hidden_factor_on_the_learning_rate():
         ((1.0,), "two"),
     ):
         with pytest.raises(ValueError, match=msg):
-            HPOEnv("default", lr_scale=bad, **kw)
+            HPOEnv("default-v1", lr_scale=bad, **kw)
 
 
 def test_env_runs_torch_with_one_thread():
     code = (
         "import torch; torch.set_num_threads(2); from rlhpo.env import HPOEnv; "
-        "HPOEnv('default', tasks=['wine-mlp']); print(torch.get_num_threads())"
+        "HPOEnv('default-v1', tasks=['wine-mlp']); print(torch.get_num_threads())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"

@@ -63,7 +63,7 @@ def test_truncated_and_mismatched_weights(saved):
 
 
 def test_run_seed_for_matches_env():
-    env = HPOEnv("default", tasks=["wine-mlp"], budget_scale=0.1)
+    env = HPOEnv("default-v1", tasks=["wine-mlp"], budget_scale=0.1)
     from rlhpo.trainees import build_trainee
 
     env.reset(seed=5, options={"task": "wine-mlp", "start": "default"})

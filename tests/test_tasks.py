@@ -101,7 +101,7 @@ def test_valid_base_suite_loads(write_suite):
 def test_cli_lists_tasks_as_json_and_table():
     r = CliRunner().invoke(app, ["tasks", "--split", "test", "--json"])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.output)
+    rows = json.loads(r.output)["tasks"]
     assert rows and all(row["split"] == "test" for row in rows)
     assert {"dataset", "model", "budget_samples", "metric"} <= set(rows[0])
     r = CliRunner().invoke(app, ["tasks"])

@@ -84,7 +84,7 @@ def train_score(policy_dir: str, method: str = "policy", lr_scale=(1.0, 1.0)) ->
     with ``lr_scale``, every run's learning rate is multiplied by a hidden factor
     (the same for every method on a given task and seed)."""
     ev = _eval_module()
-    suite = load_suite("default")
+    suite = load_suite("default-v1")
     assert set(EVAL_TASKS) <= set(suite.train), "EVAL_TASKS must stay in the train split"
     pol = load_policy(ROOT / policy_dir) if method == "policy" else None
     penalty = pol.manifest.get("env", {}).get("compute_penalty", 0.1) if pol else 0.1
@@ -116,7 +116,7 @@ def train_score(policy_dir: str, method: str = "policy", lr_scale=(1.0, 1.0)) ->
 def run_test_compare(variants: list[dict], out: Path, workers: int) -> None:
     methods = ["static"] + [f"policy:{v['policy']}?name={v['name']}" for v in variants]
     cmd = [
-        sys.executable, "-m", "rlhpo.cli", "compare", "--suite", "default", "--split", "test",
+        sys.executable, "-m", "rlhpo.cli", "compare", "--suite", "default-v1", "--split", "test",
         "--methods", ",".join(methods), "--seeds", str(SEEDS_TEST),
         "--starts", ",".join(STARTS), "--workers", str(workers), "--no-wandb",
         "--out", str(out.relative_to(ROOT)),

@@ -100,18 +100,24 @@ def run_single(
     explode_factor: float = 10.0,
     on_interval: Callable[[int, Record, Trainee], None] | None = None,
     evaluate_test: bool = True,
+    build: Callable[[TaskSpec, dict[str, Any], int, SchedulerFactory | None], Trainee]
+    | None = None,
 ) -> RunOutcome:
     """Train ``spec`` from ``hp`` with trainee seed ``seed`` (pass
     ``rlhpo.env.run_seed_for(s)`` to match ``HPOEnv.reset(seed=s)``).
 
     ``on_interval(i, record, trainee)`` is called after each interval's evaluation
     and may raise (Optuna pruning does); the test split is evaluated once at the
-    end, outside the timed part, for reporting only.
+    end, outside the timed part, for reporting only. ``build(spec, hp, seed,
+    scheduler)`` replaces :func:`build_trainee` (another optimizer, for example).
     """
     limit_threads()
     preload(spec)
     t0 = time.perf_counter()
-    tr = build_trainee(spec, hp, seed=seed, scheduler=scheduler)
+    if build is None:
+        tr = build_trainee(spec, hp, seed=seed, scheduler=scheduler)
+    else:
+        tr = build(spec, hp, seed, scheduler)
     n_classes = tr.data.n_classes
 
     def norm(raw: float) -> float:

@@ -36,7 +36,7 @@ def run_demo(
     cfg = CompareConfig(
         out=out,
         methods=methods,
-        suite="default",
+        suite="default-v1",  # the suite the shipped policy was trained and tested on
         split="test",
         tasks=[task],
         seeds=list(seeds),

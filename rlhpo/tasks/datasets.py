@@ -1,6 +1,11 @@
-"""Datasets made offline: generated (MNIST-1D, scikit-learn generators, token
-sequences) or bundled with scikit-learn. Split once per task into train / val /
-test with the task's ``data_seed``; features standardised on the train split.
+"""Datasets made offline: generated (MNIST-1D, scikit-learn generators, images of
+shapes, token sequences for classification and for next-token prediction) or
+bundled with scikit-learn. Split once per task into train / val / test with the
+task's ``data_seed``; features standardised on the train split.
+
+Next-token datasets (``lm_*``) hold ``x`` = a sequence without its last token and
+``y`` = the same sequence shifted by one, with the prompt positions set to
+:data:`IGNORE_TARGET` so that only the part a model can infer is scored.
 """
 
 from __future__ import annotations
@@ -30,6 +35,34 @@ DATASET_ARGS: dict[str, dict[str, Any]] = {
     "make_regression": {"n_samples": 2000, "n_features": 20, "n_informative": 10, "noise": 10.0},
     "friedman1": {"n_samples": 2000, "n_features": 10, "noise": 1.0},
     "sequences": {"n_samples": 3000, "length": 24, "vocab": 16, "n_classes": 4},
+    "shapes": {"n_samples": 2000, "size": 12, "noise": 0.3},
+    "parity": {"n_samples": 3000, "length": 12},
+    "counting": {"n_samples": 3000, "length": 24, "vocab": 12, "n_classes": 6},
+    "lm_copy": {"n_samples": 3000, "length": 8, "vocab": 12},
+    "lm_reverse": {"n_samples": 3000, "length": 8, "vocab": 12},
+    "lm_sort": {"n_samples": 3000, "length": 8, "vocab": 12},
+}
+# Datasets of token sequences labelled per sequence / per position.
+TOKEN_DATASETS = ("sequences", "parity", "counting")
+LM_DATASETS = ("lm_copy", "lm_reverse", "lm_sort")
+# Datasets whose features are a square image (what a 2D CNN takes).
+IMAGE_DATASETS = ("digits", "shapes")
+# Per-position target that the loss and the accuracy skip (CrossEntropyLoss's default).
+IGNORE_TARGET = -100
+# Upper bounds on dataset sizes: a suite asking for more is refused before anything
+# is built (10**12 rows would otherwise end in a MemoryError or a hang).
+DATASET_CAPS: dict[str, int | float] = {
+    "n_samples": 20000,
+    "num_samples": 20000,
+    "n_features": 512,
+    "n_informative": 512,
+    "n_classes": 50,
+    "length": 128,
+    "vocab": 256,
+    "size": 32,
+    "noise": 1000.0,
+    "class_sep": 100.0,
+    "flip_y": 1.0,
 }
 
 
@@ -50,6 +83,26 @@ def check_dataset_args(dataset: str, args: dict[str, Any], where: str) -> None:
             raise SpecError(f"{where}: key {k!r} must be {want.__name__}, got {v!r}")
         if v < 0:
             raise SpecError(f"{where}: key {k!r} must be >= 0, got {v!r}")
+        cap = DATASET_CAPS.get(k)
+        if cap is not None and v > cap:
+            raise SpecError(f"{where}: key {k!r} must be <= {cap} (the cap), got {v!r}")
+    a = {**allowed, **args}
+    for k in ("n_samples", "num_samples"):
+        if k in a and a[k] < 100:
+            raise SpecError(f"{where}: key {k!r} must be >= 100, got {a[k]!r}")
+    if "vocab" in a and "n_classes" in a and a["vocab"] <= a["n_classes"] + 1:
+        raise SpecError(
+            f"{where}: key 'vocab' must exceed n_classes + 1, got vocab={a['vocab']}, "
+            f"n_classes={a['n_classes']}"
+        )
+    if dataset in LM_DATASETS and a["vocab"] < 4:
+        raise SpecError(f"{where}: key 'vocab' must be >= 4, got {a['vocab']!r}")
+    if "length" in a and a["length"] < 2:
+        raise SpecError(f"{where}: key 'length' must be >= 2, got {a['length']!r}")
+    if dataset == "shapes" and a["size"] < 6:
+        raise SpecError(f"{where}: key 'size' must be >= 6, got {a['size']!r}")
+    if "n_classes" in a and a["n_classes"] < 2:
+        raise SpecError(f"{where}: key 'n_classes' must be >= 2, got {a['n_classes']!r}")
 
 
 @dataclass
@@ -65,6 +118,7 @@ class TaskData:
     n_classes: int
     tokens: bool = False
     vocab: int = 0
+    per_token: bool = False  # y holds a target per position (next-token prediction)
 
     @property
     def n_train(self) -> int:
@@ -109,6 +163,25 @@ def _build(dataset: str, a: dict[str, Any], seed: int, val_f: float, test_f: flo
         return _split(
             rng, x, y, val_f, test_f, n_classes=a["n_classes"], tokens=True, vocab=a["vocab"]
         )
+    if dataset in ("parity", "counting"):
+        x, y, vocab, k = _classified_tokens(rng, dataset, a)
+        return _split(rng, x, y, val_f, test_f, n_classes=k, tokens=True, vocab=vocab)
+    if dataset in LM_DATASETS:
+        x, y = _lm_sequences(rng, dataset, a["n_samples"], a["length"], a["vocab"])
+        return _split(
+            rng,
+            x,
+            y,
+            val_f,
+            test_f,
+            n_classes=a["vocab"],
+            tokens=True,
+            vocab=a["vocab"],
+            per_token=True,
+        )
+    if dataset == "shapes":
+        x, y = _shapes(rng, a["n_samples"], a["size"], a["noise"])
+        return _split(rng, x, y, val_f, test_f, n_classes=4)
     from sklearn import datasets as skd
 
     if dataset in ("digits", "wine", "breast_cancer"):
@@ -194,15 +267,78 @@ def _sequences(rng: np.random.Generator, n: int, length: int, vocab: int, k: int
     return x, y
 
 
-def _split(rng, x, y, val_f, test_f, n_classes, tokens=False, vocab=0) -> TaskData:
+def _classified_tokens(rng: np.random.Generator, dataset: str, a: dict[str, Any]):
+    """Parity of a bit string, or how often the marker token 1 occurs (capped at K-1)."""
+    n, length = a["n_samples"], a["length"]
+    if dataset == "parity":
+        x = rng.integers(0, 2, size=(n, length))
+        return x, x.sum(1) % 2, 2, 2
+    k, vocab = a["n_classes"], a["vocab"]
+    # Counts drawn uniformly over the classes (the top class meaning "K-1 or more"),
+    # so that the majority class is no shortcut.
+    counts = rng.integers(0, k, size=n)
+    counts = np.minimum(counts + (counts == k - 1) * rng.integers(0, 3, size=n), length)
+    x = rng.integers(2, vocab, size=(n, length))
+    for i in range(n):
+        x[i, rng.permutation(length)[: counts[i]]] = 1
+    return x, np.minimum(counts, k - 1), vocab, k
+
+
+def _lm_sequences(rng: np.random.Generator, dataset: str, n: int, length: int, vocab: int):
+    """``content SEP transformed(content)``; only the transformed part is scored.
+
+    Token 0 starts a sequence, 1 separates, ``2..vocab-1`` are content.
+    """
+    content = rng.integers(2, vocab, size=(n, length))
+    if dataset == "lm_copy":
+        answer = content
+    elif dataset == "lm_reverse":
+        answer = content[:, ::-1]
+    else:
+        answer = np.sort(content, axis=1)
+    seq = np.concatenate(
+        [np.zeros((n, 1), np.int64), content, np.ones((n, 1), np.int64), answer], axis=1
+    )
+    x, y = seq[:, :-1].copy(), seq[:, 1:].copy()
+    # y[:, j] is the token after x[:, j]; the answer starts after SEP at x position length+1.
+    y[:, : length + 1] = IGNORE_TARGET
+    return x, y
+
+
+def _shapes(rng: np.random.Generator, n: int, size: int, noise: float):
+    """Noisy ``size`` x ``size`` images of one of four shapes at a random place:
+    a horizontal bar, a vertical bar, a square outline, a diagonal."""
+    img = rng.normal(0.0, noise, size=(n, size, size))
+    y = rng.integers(0, 4, size=n)
+    span = max(3, size // 2)
+    for i in range(n):
+        r, c = rng.integers(0, size - span + 1, size=2)
+        if y[i] == 0:
+            img[i, r + span // 2, c : c + span] += 1.0
+        elif y[i] == 1:
+            img[i, r : r + span, c + span // 2] += 1.0
+        elif y[i] == 2:
+            img[i, r, c : c + span] += 1.0
+            img[i, r + span - 1, c : c + span] += 1.0
+            img[i, r : r + span, c] += 1.0
+            img[i, r : r + span, c + span - 1] += 1.0
+        else:
+            d = np.arange(span)
+            img[i, r + d, c + d] += 1.0
+    return img.reshape(n, size * size), y
+
+
+def _split(rng, x, y, val_f, test_f, n_classes, tokens=False, vocab=0, per_token=False) -> TaskData:
     idx = rng.permutation(len(x))
     n_test = int(round(len(x) * test_f))
     n_val = int(round(len(x) * val_f))
     te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
-    return _finish(x[tr], y[tr], x[va], y[va], x[te], y[te], n_classes, tokens, vocab)
+    return _finish(x[tr], y[tr], x[va], y[va], x[te], y[te], n_classes, tokens, vocab, per_token)
 
 
-def _finish(xtr, ytr, xva, yva, xte, yte, n_classes, tokens=False, vocab=0) -> TaskData:
+def _finish(
+    xtr, ytr, xva, yva, xte, yte, n_classes, tokens=False, vocab=0, per_token=False
+) -> TaskData:
     if tokens:
         conv_x = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
     else:
@@ -223,4 +359,5 @@ def _finish(xtr, ytr, xva, yva, xte, yte, n_classes, tokens=False, vocab=0) -> T
         n_classes=n_classes,
         tokens=tokens,
         vocab=vocab,
+        per_token=per_token,
     )

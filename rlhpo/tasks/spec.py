@@ -2,7 +2,10 @@
 
 A suite file holds ``name``, the ``train`` and ``test`` lists of task names, an
 optional ``[defaults]`` table merged under every task, and one ``[tasks.NAME]``
-table per task. Every error names the file, the key and the bad value.
+table per task. It may also declare ``[families.NAME]`` tables with ranges
+(see :mod:`rlhpo.tasks.families`): their instances, drawn under the suite's
+``seed``, join the train split. Every error names the file, the key and the bad
+value.
 """
 
 from __future__ import annotations
@@ -26,12 +29,33 @@ DATASETS = (
     "make_regression",
     "friedman1",
     "sequences",
+    "shapes",
+    "parity",
+    "counting",
+    "lm_copy",
+    "lm_reverse",
+    "lm_sort",
 )
-MODELS = ("mlp", "cnn1d", "gru", "transformer")
+MODELS = (
+    "mlp",
+    "resmlp",
+    "cnn1d",
+    "cnn2d",
+    "gru",
+    "lstm",
+    "transformer",
+    "encoder",
+    "decoder",
+)
 METRICS = ("accuracy", "r2")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+REGRESSION_DATASETS = ("make_regression", "friedman1")
 # Which datasets produce token sequences (only sequence models take them).
-SEQUENCE_DATASETS = ("sequences",)
+SEQUENCE_DATASETS = ("sequences", "parity", "counting")
+LM_DATASETS = ("lm_copy", "lm_reverse", "lm_sort")
+IMAGE_DATASETS = ("digits", "shapes")
+BUDGET_CAP = 10_000_000
+INTERVALS_CAP = 200
 
 _TASK_KEYS = {
     "dataset",
@@ -49,9 +73,11 @@ _TASK_KEYS = {
     "start",
     "default",
     "description",
+    "family",
+    "weight_decay",
 }
 _SPACE_KEYS = {"lr", "batch_size", "dropout"}
-_SUITE_KEYS = {"name", "description", "train", "test", "defaults", "tasks"}
+_SUITE_KEYS = {"name", "description", "train", "test", "defaults", "tasks", "seed", "families"}
 
 
 class SpecError(ValueError):
@@ -88,6 +114,8 @@ class TaskSpec:
     test_fraction: float = 0.2
     description: str = ""
     source: str = ""
+    family: str = ""  # the family the task was drawn from (else its model)
+    weight_decay: float | None = None  # None: the optimizer's default (AdamW 0.01, else 0)
 
     @property
     def interval_samples(self) -> int:
@@ -111,13 +139,34 @@ class TaskSpec:
             "budget_samples": self.budget_samples,
             "intervals": self.intervals,
             "optimizer": self.optimizer,
+            "weight_decay": self.weight_decay,
+            "family": self.family or self.model,
+            "dataset_args": dict(self.dataset_args),
+            "model_args": dict(self.model_args),
+            "data_seed": self.data_seed,
+            "start": {
+                "lr": list(self.start.lr),
+                "batch_size": list(self.start.batch_size),
+                "dropout": list(self.start.dropout),
+            },
+            "default": dict(self.default),
             "description": self.description,
         }
 
 
 @dataclass(frozen=True)
+class Fold:
+    """One leave-one-family-out validation fold: train on ``train``, select on ``val``."""
+
+    family: str
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Suite:
-    """A named set of tasks with a train and a test split."""
+    """A named set of tasks with a train and a test split (and, when drawn from
+    families, the families and the leave-one-family-out folds over them)."""
 
     name: str
     tasks: dict[str, TaskSpec]
@@ -125,6 +174,24 @@ class Suite:
     test: tuple[str, ...]
     source: str = ""
     description: str = ""
+    seed: int = 0
+    families: tuple[Any, ...] = ()  # rlhpo.tasks.families.Family, declaration order
+
+    def folds(self) -> list[Fold]:
+        """Leave one train family out: its tasks are the fold's validation tasks.
+
+        Used only to select policies; the test split takes no part in it.
+        """
+        by_family: dict[str, list[str]] = {}
+        for n in self.train:
+            t = self.tasks[n]
+            by_family.setdefault(t.family or t.model, []).append(n)
+        if len(by_family) < 2:
+            return []
+        return [
+            Fold(fam, tuple(n for n in self.train if n not in names), tuple(names))
+            for fam, names in by_family.items()
+        ]
 
     def split(self, split: str) -> list[TaskSpec]:
         if split == "train":
@@ -191,15 +258,27 @@ def _parse_suite(path: Path) -> Suite:
         raise SpecError(f"{src}: 'tasks' must hold at least one [tasks.NAME] table")
     defaults = _get(src, raw, "defaults", dict, "", required=False) or {}
     _check_keys(src, "defaults.", defaults, _TASK_KEYS)
+    seed = _get(src, raw, "seed", int, "", required=False) or 0
     tasks: dict[str, TaskSpec] = {}
     for tname, traw in tasks_raw.items():
         if not isinstance(traw, dict):
             raise SpecError(f"{src}: key 'tasks.{tname}' must be a table, got {traw!r}")
         merged = _merge(defaults, traw)
         tasks[tname] = parse_task(tname, merged, src)
+    from rlhpo.tasks.families import draw_instances, parse_families
+
+    families = parse_families(src, raw.get("families", {}), defaults)
+    drawn: list[str] = []
+    for fam in families:
+        for tname, traw in draw_instances(fam, seed):
+            if tname in tasks:
+                raise SpecError(f"{src}: drawn task {tname!r} clashes with [tasks.{tname}]")
+            tasks[tname] = parse_task(tname, traw, src)
+            drawn.append(tname)
     splits = {}
     for split in ("train", "test"):
-        names = _get(src, raw, split, list, "")
+        names = _get(src, raw, split, list, "", required=not (families and split == "train"))
+        names = names or []
         for n in names:
             if not isinstance(n, str) or n not in tasks:
                 raise SpecError(f"{src}: key '{split}' names unknown task {n!r}")
@@ -209,6 +288,8 @@ def _parse_suite(path: Path) -> Suite:
     overlap = set(splits["train"]) & set(splits["test"])
     if overlap:
         raise SpecError(f"{src}: tasks in both train and test: {sorted(overlap)!r}")
+    splits["train"] = splits["train"] + tuple(drawn)
+    _check_held_out(src, tasks, splits["train"], splits["test"], families)
     if not splits["train"]:
         raise SpecError(f"{src}: key 'train' must list at least one task, got []")
     return Suite(
@@ -218,7 +299,28 @@ def _parse_suite(path: Path) -> Suite:
         test=splits["test"],
         source=src,
         description=str(raw.get("description", "")),
+        seed=seed,
+        families=tuple(families),
     )
+
+
+def _check_held_out(src: str, tasks, train, test, families) -> None:
+    """Refuse a test task whose model x dataset combination a train task or family has."""
+    seen: dict[tuple[str, str], str] = {}
+    for fam in families:
+        for m in fam.models:
+            for d in fam.datasets:
+                seen.setdefault((m, d), f"family {fam.name!r}")
+    for n in train:
+        seen.setdefault((tasks[n].model, tasks[n].dataset), f"train task {n!r}")
+    for n in test:
+        t = tasks[n]
+        where = seen.get((t.model, t.dataset))
+        if where:
+            raise SpecError(
+                f"{src}: test task {n!r} (model {t.model!r} on dataset {t.dataset!r}) overlaps "
+                f"the train split: {where} has that combination"
+            )
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -290,17 +392,13 @@ def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
     model = _get(src, raw, "model", str, p)
     if model not in MODELS:
         raise SpecError(f"{src}: key '{p}model' is unknown: {model!r} (known: {', '.join(MODELS)})")
-    if model == "transformer" and dataset not in SEQUENCE_DATASETS:
-        raise SpecError(
-            f"{src}: key '{p}model' = 'transformer' needs a token dataset "
-            f"({', '.join(SEQUENCE_DATASETS)}), got dataset {dataset!r}"
-        )
+    _check_fit(src, p, model, dataset)
     metric = _get(src, raw, "metric", str, p)
     if metric not in METRICS:
         raise SpecError(
             f"{src}: key '{p}metric' is unknown: {metric!r} (known: {', '.join(METRICS)})"
         )
-    regression = dataset in ("make_regression", "friedman1")
+    regression = dataset in REGRESSION_DATASETS
     if regression != (metric == "r2"):
         raise SpecError(
             f"{src}: key '{p}metric' = {metric!r} does not fit dataset {dataset!r} "
@@ -311,14 +409,26 @@ def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
         raise SpecError(
             f"{src}: key '{p}optimizer' is unknown: {optimizer!r} (known: {', '.join(OPTIMIZERS)})"
         )
+    wd = _get(src, raw, "weight_decay", float, p, required=False)
+    if wd is not None and not 0.0 <= wd <= 1.0:
+        raise SpecError(f"{src}: key '{p}weight_decay' must be in [0, 1], got {wd!r}")
     budget = _get(src, raw, "budget_samples", int, p)
     intervals = _get(src, raw, "intervals", int, p)
     if budget < 1:
         raise SpecError(f"{src}: key '{p}budget_samples' must be >= 1, got {budget!r}")
+    if budget > BUDGET_CAP:
+        raise SpecError(
+            f"{src}: key '{p}budget_samples' must be <= {BUDGET_CAP} (the cap), got {budget!r}"
+        )
     if not 1 <= intervals <= budget:
         raise SpecError(
             f"{src}: key '{p}intervals' must be in [1, budget_samples], got {intervals!r}"
         )
+    if intervals > INTERVALS_CAP:
+        raise SpecError(
+            f"{src}: key '{p}intervals' must be <= {INTERVALS_CAP} (the cap), got {intervals!r}"
+        )
+    family = _get(src, raw, "family", str, p, required=False) or model
     data_seed = _get(src, raw, "data_seed", int, p, required=False) or 0
     fractions = {}
     for k in ("val_fraction", "test_fraction"):
@@ -385,4 +495,31 @@ def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
         test_fraction=fractions["test_fraction"],
         description=str(raw.get("description", "")),
         source=src,
+        family=family,
+        weight_decay=wd,
     )
+
+
+def _check_fit(src: str, p: str, model: str, dataset: str) -> None:
+    """Which models take which data: vectors, token labels, next tokens, images."""
+    if model == "decoder" or dataset in LM_DATASETS:
+        if not (model == "decoder" and dataset in LM_DATASETS):
+            raise SpecError(
+                f"{src}: key '{p}model' = {model!r} does not fit dataset {dataset!r}: model "
+                f"'decoder' takes exactly the next-token datasets ({', '.join(LM_DATASETS)})"
+            )
+        return
+    if model in ("transformer", "encoder") and dataset not in SEQUENCE_DATASETS:
+        raise SpecError(
+            f"{src}: key '{p}model' = {model!r} needs a token dataset "
+            f"({', '.join(SEQUENCE_DATASETS)}), got dataset {dataset!r}"
+        )
+    if model in ("mlp", "resmlp", "cnn1d", "cnn2d") and dataset in SEQUENCE_DATASETS:
+        raise SpecError(
+            f"{src}: key '{p}model' = {model!r} does not take the token dataset {dataset!r}"
+        )
+    if model == "cnn2d" and dataset not in IMAGE_DATASETS:
+        raise SpecError(
+            f"{src}: key '{p}model' = 'cnn2d' needs an image dataset "
+            f"({', '.join(IMAGE_DATASETS)}), got dataset {dataset!r}"
+        )

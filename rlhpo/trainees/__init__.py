@@ -67,4 +67,5 @@ def build_trainee(
         optimizer=spec.optimizer,
         seed=seed,
         scheduler=scheduler,
+        weight_decay=spec.weight_decay,
     )

@@ -82,7 +82,12 @@ _SGD_MOMENTUM = 0.9
 
 def supports_batching(spec: TaskSpec) -> bool:
     """Whether runs of ``spec`` can be trained by the batched backend."""
-    return spec.model in BATCHED_MODELS and spec.optimizer in BATCHED_OPTIMIZERS
+    # The stacked update knows each optimizer's default weight decay only.
+    return (
+        spec.model in BATCHED_MODELS
+        and spec.optimizer in BATCHED_OPTIMIZERS
+        and spec.weight_decay is None
+    )
 
 
 class BatchedRun:

@@ -82,20 +82,27 @@ class SampleOrder:
         self.cursor = state["cursor"]
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, params, lr: float, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """The task's optimizer; ``weight_decay=None`` keeps each one's usual default."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay or 0.0)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        wd = 0.01 if weight_decay is None else weight_decay
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay or 0.0)
     raise ValueError(f"optimizer must be one of adam, adamw, sgd; got {name!r}")
 
 
 def score_of(metric: str, out: torch.Tensor, y: torch.Tensor) -> float:
     """Raw metric, higher is better: accuracy in [0, 1] or R^2."""
     if metric == "accuracy":
-        return float((out.argmax(-1) == y).float().mean())
+        # Classes on dim 1 for (batch, classes) and per-position (batch, classes, length)
+        # logits alike; positions whose target is -100 (a prompt) are not scored.
+        keep = y != -100
+        return float(((out.argmax(1) == y) & keep).sum() / keep.sum().clamp(min=1))
     if metric == "r2":
         pred = out.squeeze(-1)
         ss_res = float(((pred - y) ** 2).sum())
@@ -114,6 +121,7 @@ class Trainee:
         space: bounds every knob is clipped to.
         hp: starting ``lr``, ``batch_size``, ``dropout``.
         optimizer: ``adam``, ``adamw`` or ``sgd``.
+        weight_decay: the optimizer's weight decay (None: AdamW 0.01, the others 0).
         seed: seeds data order and dropout masks (the model is built by the caller).
         scheduler: optional factory ``optimizer -> LR scheduler``, stepped every
             optimizer step; the lr knob moves its level, keeping its shape.
@@ -130,13 +138,14 @@ class Trainee:
         optimizer: str = "adam",
         seed: int = 0,
         scheduler: SchedulerFactory | None = None,
+        weight_decay: float | None = None,
     ):
         self.model = model
         self.data = data
         self.metric = metric
         self.space = space
         hp = space.clip_all(hp)
-        self.optimizer = make_optimizer(optimizer, model.parameters(), hp["lr"])
+        self.optimizer = make_optimizer(optimizer, model.parameters(), hp["lr"], weight_decay)
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         self.batch_size = int(hp["batch_size"])
         set_dropout(model, hp["dropout"])

@@ -15,10 +15,13 @@ Method strings (``--methods``, comma-separated)::
     optuna-tpe:20               Optuna, sampler tpe|random, optional pruner:
     optuna-random-median:20     ...-median or ...-hyperband; :N trials (default 20)
     pbt:4                       Ray Tune PBT with a population of 4 (default)
+    schedulefree, prodigy, dadapt
+                                zero-tuning optimizers (Schedule-Free AdamW, Prodigy,
+                                D-Adaptation Adam), see rlhpo.baselines.zero_tuning
 
-Every method takes ``?name=LABEL`` to set its display name. Optuna, PBT and
-warm-up + cosine do not depend on the start (they pick their own hyperparameters):
-they run once per task and seed, with start ``any``.
+Every method takes ``?name=LABEL`` to set its display name. Optuna, PBT,
+warm-up + cosine and the zero-tuning optimizers do not depend on the start (they
+pick their own hyperparameters): they run once per task and seed, with start ``any``.
 
 Adding a method
 ---------------
@@ -84,6 +87,7 @@ from rlhpo.compare.methods.single_run import (
     StepMethod,
     WarmupCosineMethod,
 )
+from rlhpo.compare.methods.zero_tuning import ZeroTuningMethod
 from rlhpo.knobs import KNOBS
 from rlhpo.tasks.spec import TaskSpec
 
@@ -114,6 +118,7 @@ register(WarmupCosineMethod)
 register(PlateauMethod)
 register(OptunaMethod)
 register(PBTMethod)
+register(ZeroTuningMethod)
 
 
 def registered() -> tuple[type[Method], ...]:
@@ -209,6 +214,7 @@ __all__ = [
     "MethodText",
     "OptunaMethod",
     "PBTMethod",
+    "ZeroTuningMethod",
     "PlateauMethod",
     "PolicyMethod",
     "StaticMethod",
