@@ -30,7 +30,9 @@ def test_suites_by_name_and_by_path():
     assert _inside_package(Path(by_name.source))
     by_path = load_suite(str(PACKAGE / "suites" / "tiny.toml"))
     assert by_name.train == by_path.train and by_name.test == by_path.test
-    with pytest.raises(SpecError, match="unknown suite .nope.; known suites: default, default-v1, tiny"):
+    with pytest.raises(
+        SpecError, match="unknown suite .nope.; known suites: default, default-v1, tiny"
+    ):
         load_suite("nope")
 
 

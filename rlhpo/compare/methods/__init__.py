@@ -27,8 +27,8 @@ Adding a method
 ---------------
 A method is a subclass of :class:`Method` (``rlhpo/compare/methods/_base.py``) in a
 module of its own under ``rlhpo/compare/methods/``, plus one ``register(...)`` line
-below. For example a zero-tuning optimizer (Schedule-Free AdamW, Prodigy,
-D-Adaptation) run from the start, in ``rlhpo/compare/methods/zero_tuning.py``::
+below. For example a zero-tuning optimizer run from the start (a sketch; the
+real ``ZeroTuningMethod`` is in ``rlhpo/compare/methods/zero_tuning.py``)::
 
     @dataclass(frozen=True)
     class ScheduleFreeMethod(Method):
