@@ -51,6 +51,7 @@ from rlhpo.runtime import limit_threads
 from rlhpo.tasks import load_suite
 from rlhpo.trainees import build_trainee, task_data
 from rlhpo.trainees.batched import CHUNK_ELEMENTS, BatchedTrainee
+from rlhpo.trainees.functional import FunctionalTrainee, make_batched_trainee
 from rlhpo.vec_env import make_vec_env
 
 OUT = Path(__file__).parent / "results"
@@ -60,14 +61,21 @@ def _rss(pid: int | None = None) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-CONFIGS_ONE = [("dummy", 2, 1), ("subproc", 2, 2)]
+CONFIGS_ONE = {"dummy": ("dummy", 2, 1), "subproc": ("subproc", 2, 2)}
 
 
 def configs(args) -> list[tuple[str, int, int]]:
     """(backend, n_envs, processes) of every configuration."""
     return (
-        CONFIGS_ONE + [("batched", n, 1) for n in args.ns] + [("batched", n, 2) for n in args.ns2]
+        [CONFIGS_ONE[b] for b in args.one]
+        + [("batched", n, 1) for n in args.ns]
+        + [("batched", n, 2) for n in args.ns2]
     )
+
+
+# The pseudo-task of the whole mixed train split of the default suite (every
+# reset draws one of its tasks, as policy training does).
+TRAIN_SPLIT = "train-split"
 
 
 class _Stepper:
@@ -77,13 +85,13 @@ class _Stepper:
         self.backend, self.n = backend, n_envs
         self.venv = make_vec_env(
             "default-v1",
-            "all",
+            "train" if task == TRAIN_SPLIT else "all",
             n_envs=n_envs,
             seed=seed,
             backend=backend,
             n_procs=procs if backend == "batched" else 1,
             monitor=False,
-            tasks=[task],
+            tasks=None if task == TRAIN_SPLIT else [task],
         )
         self.rng = np.random.default_rng(seed)
         self.last = np.zeros(n_envs, dtype=np.int64)
@@ -129,7 +137,8 @@ def measure_task(task: str, confs: list[tuple[str, int, int]], seconds: float, s
 
 def _memory_child(task: str, backend: str, n_envs: int, procs: int, queue) -> None:
     limit_threads()
-    task_data(load_suite("default-v1").task(task))
+    for t in _tasks_of(task):
+        task_data(load_suite("default-v1").task(t))
     before = _rss()
     st = _Stepper(task, backend, n_envs, procs, seed=0)
     st.step()
@@ -154,18 +163,31 @@ def measure_memory(task: str, backend: str, n_envs: int, procs: int) -> float:
     return value
 
 
+def _tasks_of(task: str) -> list[str]:
+    suite = load_suite("default-v1")
+    return list(suite.train) if task == TRAIN_SPLIT else [task]
+
+
 def state_kib(task: str) -> float:
-    """Weights + Adam state of one model (the same in every backend)."""
-    spec = load_suite("default-v1").task(task)
-    return BatchedTrainee(spec).add(seed=0).state_bytes() / 1024
+    """Weights + Adam state of one model (the same in every backend); the mean
+    over the tasks of the train split for it."""
+    suite = load_suite("default-v1")
+    sizes = [
+        make_batched_trainee(suite.task(t)).add(seed=0).state_bytes() / 1024
+        for t in _tasks_of(task)
+    ]
+    return sum(sizes) / len(sizes)
 
 
 def run_envs(args) -> list[dict]:
     confs = configs(args)
     results: dict[tuple, list[dict]] = {}
+    loads: dict[str, float] = {}
     for r in range(args.repeats):
         for task in args.tasks:
-            for key, m in measure_task(task, confs, args.seconds, seed=r).items():
+            measured = measure_task(task, confs, args.seconds, seed=r)
+            loads[task] = os.getloadavg()[0]
+            for key, m in measured.items():
                 results.setdefault((task, *key), []).append(m)
                 print(
                     f"round {r} {task:12s} {key[0]:8s} n={key[1]:3d} procs={key[2]}: "
@@ -189,6 +211,7 @@ def run_envs(args) -> list[dict]:
                     "samples_s": statistics.median(m["samples_s"] for m in ms),
                     "rss_env": rss,
                     "state_kib": kib,
+                    "load": loads[task],
                 }
             )
         base = max(r["steps_s"] for r in rows if r["task"] == task and r["backend"] != "batched")
@@ -289,6 +312,121 @@ def _time(fn, reps: int) -> float:
     return best * 1e6
 
 
+def run_func_kernels(
+    tasks=("seq-gru", "seq-transformer"), ks=(8, 32), bs: int = 64, steps: int = 5
+) -> list[tuple[str, str, int, float, float]]:
+    """Milliseconds per run per training step of the torch.func backend and its
+    alternatives (dropout 0): how it was built."""
+    import copy
+
+    from rlhpo.knobs import set_dropout
+
+    out = []
+    hp = {"batch_size": bs, "dropout": 0.0}
+
+    def per_step(fn, k: int) -> float:
+        fn(bs)  # warm-up
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn(bs * steps)
+            best = min(best, (time.perf_counter() - t0) / (k * steps) * 1e3)
+        return best
+
+    for task in tasks:
+        spec = load_suite("default-v1").task(task)
+        tr = build_trainee(spec, hp, seed=0)
+        ms = per_step(tr.train, 1)
+        out.append((task, "one Trainee (nn.Module + torch.optim)", 1, ms, os.getloadavg()[0]))
+        for k in ks:
+            g = FunctionalTrainee(spec)
+            runs = [g.add(hp, seed=i) for i in range(k)]
+            ms = per_step(lambda n, g=g, runs=runs: g.train([(r, n) for r in runs]), k)
+            out.append((task, "vmap(functional_call), chosen", k, ms, os.getloadavg()[0]))
+        # The same with the module's own layers under vmap (no unrolling, fused attention).
+        g = FunctionalTrainee(spec)
+        runs = [g.add(hp, seed=i) for i in range(ks[-1])]
+        g.train([(r, bs) for r in runs])
+        template = copy.deepcopy(runs[0].to_module())
+        set_dropout(template, 0.0)
+        for p in template.parameters():
+            p.requires_grad_(False)
+        g.net.module = template
+        g.net._mode.saw_attention = False
+        ms = per_step(lambda n, g=g, runs=runs: g.train([(r, n) for r in runs]), ks[-1])
+        name = "vmap over the module as built (nn.GRU / fused attention)"
+        out.append((task, name, ks[-1], ms, os.getloadavg()[0]))
+        for row in out[-len(ks) - 2 :]:
+            print(row, flush=True)
+    return out
+
+
+def write_profile(name: str, n: int, seed: int = 0) -> None:
+    """Profile of vector steps on the mixed train split, batched with ``n`` envs:
+    where the time goes (cProfile by function, torch.profiler by operator)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import profile
+
+    st = _Stepper(TRAIN_SPLIT, "batched", n, 1, seed)
+    load0 = os.getloadavg()[0]
+    pr = cProfile.Profile()
+    pr.enable()
+    t0 = time.perf_counter()
+    for _ in range(2):
+        st.step()
+    wall = time.perf_counter() - t0
+    pr.disable()
+    with profile() as prof:
+        st.step()
+    st.venv.close()
+    buf = io.StringIO()
+    stats = pstats.Stats(pr, stream=buf)
+    by_class: dict[str, float] = {}
+    for (file, _, fn), (_, _, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if fn == "_train_chunk" and file.endswith(("batched.py", "functional.py")):
+            by_class[Path(file).name] = by_class.get(Path(file).name, 0.0) + cum
+        if fn == "evaluate" and file.endswith("batched.py"):
+            by_class["evaluate (all batched)"] = cum
+    stats.sort_stats("tottime").print_stats(20)
+    lines = [
+        f"# Profile: mixed train split, batched, {n} envs",
+        "",
+        f"Command: `python experiments/throughput.py --profile --ns {n} --out {name}` "
+        f"(load average {load0:.1f}).  ",
+        f"Two vector steps ({2 * n} env steps) under cProfile: {wall:.1f} s wall.",
+        "",
+        "## Where the env steps' time goes",
+        "",
+        "| part | seconds (cumulative) | share of wall |",
+        "|---|---:|---:|",
+    ]
+    names = {
+        "batched.py": "stacked MLP/CNN training (BatchedTrainee._train_chunk)",
+        "functional.py": "torch.func training: GRU (FunctionalTrainee._train_chunk)",
+    }
+    for key, cum in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {names.get(key, key)} | {cum:.2f} | {cum / wall:.0%} |")
+    lines += [
+        "",
+        "## cProfile, top functions by own time",
+        "",
+        "```",
+        *[ln for ln in buf.getvalue().splitlines() if ln.strip()][-24:],
+        "```",
+        "",
+        "## torch.profiler, one more vector step, top operators by self CPU time",
+        "",
+        "```",
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+        "```",
+    ]
+    (OUT / f"{name}_profile.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT / name}_profile.md", flush=True)
+
+
 def run_chunks(tasks, n: int = 32, sizes=(65536, 262144, 1048576), bss=(16, 64, 256)):
     """Milliseconds per run-interval of the batched backend by chunk size."""
     out = []
@@ -308,12 +446,12 @@ def run_chunks(tasks, n: int = 32, sizes=(65536, 262144, 1048576), bss=(16, 64, 
     return out, sizes
 
 
-def write(rows, kernels, chunks, args, load) -> None:
+def write(rows, kernels, chunks, args, load, func_kernels=None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     cmd = "python experiments/throughput.py " + " ".join(
         f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
-        if not isinstance(v, bool) and k != "ppo"
+        if not isinstance(v, bool) and k != "ppo" and v not in ([], "")
     )
     cmd += "".join(f" --{k}" for k, v in vars(args).items() if v is True)
     lines = [
@@ -331,15 +469,19 @@ def write(rows, kernels, chunks, args, load) -> None:
         "Memory: weights + Adam state per model (every backend keeps these), and the "
         "process memory (RSS) added per env (subproc: the whole worker process).",
         "",
+        f"`{TRAIN_SPLIT}`: the default suite's whole train split, each reset drawing one "
+        "of its tasks (weights+Adam: the mean over its tasks). Load: the 1-minute load "
+        "average when the task's last round ended.",
+        "",
         "| task | backend | envs | procs | env steps/s | samples/s | speedup | "
-        "weights+Adam KiB/model | RSS MiB/env |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "weights+Adam KiB/model | RSS MiB/env | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['task']} | {r['backend']} | {r['n']} | {r['procs']} | {r['steps_s']:.2f} | "
             f"{r['samples_s']:,.0f} | {r['speedup']:.1f}x | {r['state_kib']:.0f} | "
-            f"{r['rss_env'] / 2**20:.1f} |"
+            f"{r['rss_env'] / 2**20:.1f} | {r['load']:.1f} |"
         )
     if kernels:
         lines += [
@@ -367,12 +509,29 @@ def write(rows, kernels, chunks, args, load) -> None:
         ]
         for task, bs, row in data:
             lines.append(f"| {task} | {bs} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
-    (OUT / "throughput.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, args.tasks)
-    print(f"wrote {OUT / 'throughput.md'} and {OUT / 'throughput.png'}")
+    if func_kernels:
+        lines += [
+            "",
+            "## How to batch the other families: one training step, per run",
+            "",
+            "Batch 64, dropout 0, Adam, 10 steps per interval; milliseconds per run per "
+            "step, best of 2 (load average in the last column). vmap has no batching rule "
+            "for nn.GRU nor torch's fused CPU attention and runs those one run at a time: "
+            "the backend unrolls the GRU and computes attention as reference math instead.",
+            "",
+            "| task | implementation | runs | ms / run-step | load |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {t} | {name} | {k} | {ms:.1f} | {ld:.1f} |" for t, name, k, ms, ld in func_kernels
+        ]
+    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    if rows:
+        _plot(rows, args.tasks, args.out)
+    print(f"wrote {OUT / args.out}.md and .png")
 
 
-def _plot(rows, tasks) -> None:
+def _plot(rows, tasks, name: str = "throughput") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -395,7 +554,7 @@ def _plot(rows, tasks) -> None:
         ax.set_title(task)
     fig.suptitle("rlhpo/HPO-v0 throughput: one model per env (gray) vs batched (blue)")
     fig.tight_layout()
-    fig.savefig(OUT / "throughput.png", dpi=120)
+    fig.savefig(OUT / f"{name}.png", dpi=120)
 
 
 # -- PPO: wall time to the same timesteps ----------------------------------------
@@ -495,7 +654,17 @@ def main() -> None:
     ap.add_argument("--ns2", default="32,64", help="batched envs split over 2 processes")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--one", default="dummy,subproc", help="one-model-per-env backends")
+    ap.add_argument("--out", default="throughput", help="results/OUT.md and OUT.png")
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument(
+        "--func-kernels",
+        action="store_true",
+        help="time the torch.func backend's variants on the GRU and transformer tasks",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="profile the mixed split (results/OUT_profile.md)"
+    )
     ap.add_argument("--chunks", action="store_true")
     ap.add_argument(
         "--ppo",
@@ -508,20 +677,25 @@ def main() -> None:
     args.tasks = args.tasks.split(",")
     args.ns = [int(n) for n in args.ns.split(",")]
     args.ns2 = [int(n) for n in args.ns2.split(",") if n]
+    args.one = [b for b in args.one.split(",") if b]
     limit_threads()
     load0 = os.getloadavg()[0]
     if args.ppo:
         write_ppo(run_ppo(args.ppo), args.ppo, (load0, os.getloadavg()[0]))
         return
-    for t in args.tasks:
-        task_data(load_suite("default-v1").task(t))  # dataset built before any timing
+    for task in args.tasks:
+        for t in _tasks_of(task):
+            task_data(load_suite("default-v1").task(t))  # datasets built before any timing
     kernels = run_kernels() if args.kernels else None
     if kernels:
         for name, k, t in kernels:
             print(f"{name:45s} k={k:3d}: {t:7.1f} us/model-step", flush=True)
+    func_kernels = run_func_kernels() if args.func_kernels else None
+    if args.profile:
+        write_profile(args.out, max(args.ns))
     chunks = run_chunks(args.tasks) if args.chunks else None
-    rows = run_envs(args)
-    write(rows, kernels, chunks, args, (load0, os.getloadavg()[0]))
+    rows = run_envs(args) if args.tasks else []
+    write(rows, kernels, chunks, args, (load0, os.getloadavg()[0]), func_kernels)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ run lives), with its own seed and random generator, its own task drawn at each
 reset, and the env's own action decoding, reward, observation and ``info``.
 What changes is how the runs are trained: every step, the runs of all slots that
 hold the same batchable task train together in one
-:class:`~rlhpo.trainees.batched.BatchedTrainee`; runs of other tasks (GRU,
-transformer) train one by one in this process, as ``DummyVecEnv`` would.
+:class:`~rlhpo.trainees.batched.BatchedTrainee` (MLP, CNN: stacked weights) or
+:class:`~rlhpo.trainees.functional.FunctionalTrainee` (GRU, transformer and any
+other family ``torch.func`` can batch); runs of tasks neither can batch train
+one by one in this process, as ``DummyVecEnv`` would.
 
 Auto-reset follows SB3: when a slot's episode ends, ``info["terminal_observation"]``
 holds its last observation and the returned observation is the new episode's
@@ -43,6 +45,7 @@ from rlhpo.trainees.batched import (
     BatchedTrainee,
     supports_batching,
 )
+from rlhpo.trainees.functional import make_batched_trainee
 
 BACKENDS = ("auto", "batched", "dummy", "subproc")
 
@@ -60,7 +63,7 @@ class RunPool:
             return build_trainee(task, hp, seed=seed)
         group = self.groups.get(task.name)
         if group is None or group.spec != task:
-            group = BatchedTrainee(task, exact=self.exact, chunk_elements=self.chunk_elements)
+            group = make_batched_trainee(task, exact=self.exact, chunk_elements=self.chunk_elements)
             self.groups[task.name] = group
         return group.add(hp, seed)
 
@@ -579,7 +582,9 @@ def make_vec_env(
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     yes, no = batchable_tasks(suite, split, env_kwargs.get("tasks"))
     if backend == "batched" and not yes:
-        raise ValueError(f"backend 'batched' needs a batchable task (mlp, cnn1d); got {no}")
+        raise ValueError(
+            f"backend 'batched' needs a batchable task (see supports_batching); got {no}"
+        )
     if backend == "auto":
         backend = "batched" if yes else ("subproc" if n_envs > 1 else "dummy")
     venv: VecEnv

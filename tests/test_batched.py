@@ -233,7 +233,7 @@ def test_a_diverging_run_stops_alone(suite):
 
 
 def test_bad_inputs_are_named(suite):
-    with pytest.raises(ValueError, match="cannot be batched: model 'gru'"):
+    with pytest.raises(ValueError, match="cannot be batched by BatchedTrainee: model 'gru'"):
         BatchedTrainee(suite.task("seq-gru"))
     group = BatchedTrainee(suite.task("wine-mlp"))
     with pytest.raises(ValueError, match="unknown knobs"):
@@ -245,7 +245,7 @@ def test_bad_inputs_are_named(suite):
     with pytest.raises(ValueError, match="split must be"):
         group.add().evaluate("holdout")
     assert supports_batching(suite.task("digits-cnn"))
-    assert not supports_batching(suite.task("seq-transformer"))
+    assert supports_batching(suite.task("seq-transformer"))  # by FunctionalTrainee
 
 
 # -- vector envs -------------------------------------------------------------
@@ -413,9 +413,13 @@ def test_gymnasium_vector_env_matches_the_sb3_one(suite):
     genv.close()
 
 
-def test_make_vec_env_picks_a_backend(suite):
+def test_make_vec_env_picks_a_backend(suite, monkeypatch):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
+    v = make_vec_env(suite, "all", n_envs=1, tasks=["seq-transformer"], budget_scale=0.02)
+    assert isinstance(v.venv, BatchedVecEnv)
+    # Every family on main is batchable; a task that is not falls back to SB3's envs.
+    monkeypatch.setattr("rlhpo.vec_env.supports_batching", lambda t: t.model == "mlp")
     v = make_vec_env(suite, "all", n_envs=1, tasks=["seq-transformer"], budget_scale=0.02)
     assert isinstance(v.venv, DummyVecEnv)
     v = make_vec_env(suite, "all", n_envs=2, backend="dummy", tasks=["wine-mlp"], monitor=False)

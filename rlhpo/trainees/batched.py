@@ -37,8 +37,9 @@ How runs are trained together (:meth:`BatchedTrainee.train`):
   Same distribution, different masks: runs then agree with the unbatched ones
   statistically, not sample by sample.
 
-Supported: ``mlp`` and ``cnn1d`` tasks (see :func:`supports_batching`); GRU and
-transformer tasks train one model per env.
+Supported: ``mlp`` and ``cnn1d`` tasks (:func:`supports_stacked`). Other
+families are batched by the subclass :class:`rlhpo.trainees.functional.FunctionalTrainee`
+(``torch.func``); :func:`supports_batching` covers both.
 """
 
 from __future__ import annotations
@@ -80,14 +81,24 @@ _ADAMW_DECAY = 0.01  # as rlhpo.trainees.trainee.make_optimizer
 _SGD_MOMENTUM = 0.9
 
 
-def supports_batching(spec: TaskSpec) -> bool:
-    """Whether runs of ``spec`` can be trained by the batched backend."""
+def supports_stacked(spec: TaskSpec) -> bool:
+    """Whether runs of ``spec`` can be trained by the stacked :class:`BatchedTrainee`."""
     # The stacked update knows each optimizer's default weight decay only.
     return (
         spec.model in BATCHED_MODELS
         and spec.optimizer in BATCHED_OPTIMIZERS
         and spec.weight_decay is None
     )
+
+
+def supports_batching(spec: TaskSpec) -> bool:
+    """Whether runs of ``spec`` can be trained by a batched backend (stacked, or
+    ``torch.func`` for other families)."""
+    if supports_stacked(spec):
+        return True
+    from rlhpo.trainees.functional import supports_functional  # it subclasses ours
+
+    return supports_functional(spec)
 
 
 class BatchedRun:
@@ -183,10 +194,10 @@ class BatchedTrainee:
     """
 
     def __init__(self, spec: TaskSpec, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
-        if not supports_batching(spec):
+        if not self.supports(spec):
             raise ValueError(
-                f"task {spec.name!r} cannot be batched: model {spec.model!r} with optimizer "
-                f"{spec.optimizer!r} (batched: models {BATCHED_MODELS}, "
+                f"task {spec.name!r} cannot be batched by {type(self).__name__}: model "
+                f"{spec.model!r} with optimizer {spec.optimizer!r} (see supports_batching; "
                 f"optimizers {BATCHED_OPTIMIZERS})"
             )
         if chunk_elements < 1:
@@ -197,7 +208,7 @@ class BatchedTrainee:
         self.optimizer = spec.optimizer
         self.data = task_data(spec)
         template = init_model(spec, self.data, 0.0, 0)
-        self.net = StackedNet.for_model(template, self.data.input_shape)
+        self.net = self.build_net(template)
         self.loss_fn = nn.CrossEntropyLoss() if spec.metric == "accuracy" else _mse
         self.runs: set[BatchedRun] = set()
         self._fused = (
@@ -206,6 +217,15 @@ class BatchedTrainee:
             and hasattr(torch, "_fused_adam_")
             and hasattr(torch, "_fused_adamw_")
         )
+
+    @classmethod
+    def supports(cls, spec: TaskSpec) -> bool:
+        """Whether this backend trains runs of ``spec``."""
+        return supports_stacked(spec)
+
+    def build_net(self, template: nn.Module) -> Any:
+        """The network all runs share (weights are per run)."""
+        return StackedNet.for_model(template, self.data.input_shape)
 
     def add(self, hp: dict[str, Any] | None = None, seed: int = 0) -> BatchedRun:
         """A new run: hyperparameters ``hp`` (the task default for missing knobs,

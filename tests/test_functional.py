@@ -1,0 +1,202 @@
+"""The torch.func batched backend against the unbatched Trainee, for every family.
+
+Tolerances (measured on main's tasks, 3 intervals of 300 samples, lr up to 1e-2):
+- dropout 0, exact Adam arithmetic: per-interval train loss within rel 1e-5
+  (measured <= 2e-7 abs), validation loss within 1e-4 (measured <= 4e-5), weights
+  within 1e-5 for GRU/MLP/CNN (measured 7e-7, 1e-7, 9e-6) and 1e-2 for the BERT
+  transformer (measured 4.5e-3: at lr 1e-2 its float summation-order drift grows
+  fastest). vmap's batched matmuls sum in another order than the module's, and
+  the unrolled GRU/LSTM compute the gates in another order than torch's fused
+  cell, so equality is to float rounding, not bitwise;
+- dropout > 0, exact mode: each run draws from its own stream as nn.Dropout, so
+  the same tolerances hold;
+- dropout > 0, fast mode: other masks from the same distribution: statistical
+  agreement.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import vmap
+
+from rlhpo.trainees import build_trainee
+from rlhpo.trainees.batched import BatchedTrainee, supports_batching
+from rlhpo.trainees.functional import (
+    FunctionalTrainee,
+    UnrolledGRU,
+    UnrolledLSTM,
+    _drop,
+    functional_copy,
+    make_batched_trainee,
+    supports_functional,
+)
+from rlhpo.vec_env import RunPool
+
+FAMILIES = {  # model family -> a task of main's default suite
+    "gru": "seq-gru",
+    "transformer": "seq-transformer",
+    "mlp": "wine-mlp",
+    "cnn1d": "digits-cnn",
+}
+WEIGHT_TOL = {"gru": 1e-5, "transformer": 1e-2, "mlp": 1e-5, "cnn1d": 1e-5}
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in params])
+
+
+HPS = [
+    {"lr": 3e-3, "batch_size": 32, "dropout": 0.0},
+    {"lr": 1e-3, "batch_size": 64, "dropout": 0.0},
+    {"lr": 1e-2, "batch_size": 32, "dropout": 0.0},
+]
+# Knob changes between intervals: lr and batch size move, groups re-form.
+CHANGES = [{}, {"lr": 5e-4, "batch_size": 64}, {"batch_size": 16}]
+
+
+def _train_both(spec, hps, intervals=3, samples=300, **kw):
+    group = FunctionalTrainee(spec, exact=True, **kw)
+    runs = [group.add(h, seed=s) for s, h in enumerate(hps)]
+    trs = [build_trainee(spec, h, seed=s) for s, h in enumerate(hps)]
+    for it in range(intervals):
+        for i, (r, t) in enumerate(zip(runs, trs, strict=True)):
+            ch = CHANGES[(it + i) % len(CHANGES)] if it else {}
+            r.set_hp(**ch)
+            t.set_hp(**ch)
+        got = group.train([(r, samples) for r in runs])
+        want = [t.train(samples) for t in trs]
+        for a, b in zip(got, want, strict=True):
+            assert (a.samples, a.steps, a.diverged) == (b.samples, b.steps, b.diverged)
+            assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        n_val = group.data.x_val.shape[0]
+        for a, b in zip(group.evaluate(runs), [t.evaluate() for t in trs], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+            assert abs(a["score"] - b["score"]) <= 1.5 / n_val  # one sample at most
+    return runs, trs
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_batched_runs_match_unbatched_ones(suite, family):
+    spec = suite.task(FAMILIES[family])
+    assert spec.model == family
+    runs, trs = _train_both(spec, HPS)
+    for r, t in zip(runs, trs, strict=True):
+        diff = (_flat(r.to_module().parameters()) - _flat(t.model.parameters())).abs().max()
+        assert float(diff) < WEIGHT_TOL[family]
+
+
+@pytest.mark.parametrize("family", ["gru", "mlp"])
+def test_exact_mode_replays_the_trainees_dropout(suite, family):
+    spec = suite.task(FAMILIES[family])
+    hps = [{**h, "dropout": p} for h, p in zip(HPS, (0.2, 0.0, 0.45), strict=True)]
+    runs, trs = _train_both(spec, hps, intervals=2)
+    for r, t in zip(runs, trs, strict=True):
+        diff = (_flat(r.to_module().parameters()) - _flat(t.model.parameters())).abs().max()
+        assert float(diff) < WEIGHT_TOL[family]
+
+
+def test_chunks_do_not_change_results(suite):
+    spec = suite.task("seq-gru")
+    a, _ = _train_both(spec, HPS, intervals=1, max_chunk_runs=1)
+    b, _ = _train_both(spec, HPS, intervals=1, max_chunk_runs=32)
+    for r, s in zip(a, b, strict=True):
+        torch.testing.assert_close(_flat(r.params), _flat(s.params), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_unrolled_rnns_equal_torchs(kind, batch_first):
+    torch.manual_seed(0)
+    rnn = kind(5, 7, num_layers=2, batch_first=batch_first)
+    unrolled = (UnrolledLSTM if kind is nn.LSTM else UnrolledGRU)(rnn)
+    x = torch.randn(3, 4, 5)
+    ref_out, ref_state = rnn(x)
+    out, state = unrolled(x)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+    for a, b in zip(
+        state if kind is nn.LSTM else [state],
+        ref_state if kind is nn.LSTM else [ref_state],
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # the same parameters (names and tensors), and the same gradients
+    assert [n for n, _ in unrolled.named_parameters()] == [n for n, _ in rnn.named_parameters()]
+    g_ref = torch.autograd.grad(ref_out.square().sum(), list(rnn.parameters()))
+    g = torch.autograd.grad(out.square().sum(), list(unrolled.parameters()))
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # an initial state and an unbatched input, as nn.GRU/nn.LSTM take them
+    h0 = torch.randn(2, 7)
+    hx = (h0, torch.randn(2, 7)) if kind is nn.LSTM else h0
+    torch.testing.assert_close(unrolled(x[0], hx)[0], rnn(x[0], hx)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_per_run_dropout_has_nn_dropout_statistics():
+    ps = torch.tensor([0.0, 0.1, 0.3, 0.5])
+    x = torch.ones(4, 64, 200)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = vmap(_drop, randomness="different")(x, ps)
+    n = m[0].numel()
+    for i, p in enumerate(ps.tolist()):
+        assert set(torch.unique(m[i]).tolist()) <= {0.0, float(torch.tensor(1.0) / (1 - p))}
+        keep = float((m[i] > 0).float().mean())
+        assert abs(keep - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n) + 1e-9
+
+
+def test_fast_mode_with_dropout_agrees_statistically(suite):
+    spec = suite.task("digits-mlp")
+    hp = {"lr": 3e-3, "batch_size": 32, "dropout": 0.4}
+    seeds = list(range(8))
+    group = FunctionalTrainee(spec)
+    runs = [group.add(hp, seed=s) for s in seeds]
+    group.train([(r, 3000) for r in runs])
+    fast = np.array([e["loss"] for e in group.evaluate(runs)])
+    ref = []
+    for s in seeds:
+        t = build_trainee(spec, hp, seed=s)
+        t.train(3000)
+        ref.append(t.evaluate()["loss"])
+    ref = np.array(ref)
+    assert not np.allclose(fast, ref)  # other masks...
+    spread = math.sqrt((fast.var(ddof=1) + ref.var(ddof=1)) / len(seeds))
+    assert abs(fast.mean() - ref.mean()) < 4 * spread + 0.02  # ...same distribution
+
+
+def test_fast_mode_dropout_acts_per_run_and_is_reproducible(suite):
+    spec = suite.task("seq-gru")
+
+    def train(ps):
+        group = FunctionalTrainee(spec)
+        runs = [group.add({"dropout": p, "batch_size": 32}, seed=0) for p in ps]
+        return [s.train_loss for s in group.train([(r, 96) for r in runs])]
+
+    outer = torch.random.get_rng_state()
+    a = train([0.0, 0.3, 0.3])
+    assert torch.equal(torch.random.get_rng_state(), outer)  # the caller's RNG untouched
+    assert a == train([0.0, 0.3, 0.3])
+    ref = build_trainee(spec, {"dropout": 0.0, "batch_size": 32}, seed=0).train(96)
+    assert a[0] == pytest.approx(ref.train_loss, rel=1e-5)  # p = 0: no dropout at all
+    assert a[1] != a[2]  # same seed and p, other masks: dropout is drawn per run
+    assert abs(a[1] - a[0]) > 1e-4
+
+
+def test_routing_and_bad_inputs(suite):
+    for family, task in FAMILIES.items():
+        assert supports_batching(suite.task(task)), family
+        assert supports_functional(suite.task(task)), family
+    assert type(make_batched_trainee(suite.task("wine-mlp"))) is BatchedTrainee
+    assert type(make_batched_trainee(suite.task("seq-gru"))) is FunctionalTrainee
+    pool = RunPool()
+    assert isinstance(pool.new_run(suite.task("seq-transformer"), {}, 0).group, FunctionalTrainee)
+    with pytest.raises(ValueError, match="max_chunk_runs must be >= 1, got 0"):
+        FunctionalTrainee(suite.task("seq-gru"), max_chunk_runs=0)
+    with pytest.raises(ValueError, match="is bidirectional"):
+        functional_copy(nn.Sequential(nn.GRU(3, 4, bidirectional=True)))
+    with pytest.raises(ValueError, match="updates running statistics"):
+        functional_copy(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    with pytest.raises(ValueError, match="RNN.*no unrolled equivalent"):
+        functional_copy(nn.Sequential(nn.RNN(3, 4)))
