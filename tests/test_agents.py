@@ -91,6 +91,10 @@ def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
     auto = make_vec_env(n_envs=3, vec_env="auto", suite=V1, **TINY)
     assert isinstance(auto.unwrapped, BatchedVecEnv)
     auto.close()
+    gru = make_vec_env(suite=V1, n_envs=3, vec_env="auto", tasks=["seq-gru"], budget_scale=0.02)
+    assert isinstance(gru.unwrapped, BatchedVecEnv)  # GRU runs batch with torch.func
+    gru.close()
+    monkeypatch.setattr("rlhpo.vec_env.supports_batching", lambda t: t.model != "gru")
     gru = make_vec_env(suite=V1, n_envs=64, vec_env="auto", tasks=["seq-gru"], budget_scale=0.02)
     assert isinstance(gru, DummyVecEnv) and gru.num_envs == 64
     gru.close()

@@ -34,7 +34,8 @@ chunk). Three things make an arbitrary module batchable this way:
   like); models whose buffers change while training (batch norm) are refused.
 
 Routing: ``mlp`` and ``cnn1d`` keep the hand-written stacked backend (measured
-faster for them, see experiments/results/throughput_v2.md); every other family
+faster for them: 297 vs 508 us per model-step on the MNIST-1D MLP at 32 runs,
+experiments/results/throughput.md); every other family
 whose model passes :func:`supports_functional` uses this one
 (:func:`make_batched_trainee`).
 """
@@ -63,8 +64,8 @@ from rlhpo.trainees.batched import (
 
 Tensor = torch.Tensor
 
-# Runs per vmapped call. Measured on the GRU and transformer tasks
-# (experiments/throughput.py --chunks): larger chunks stopped paying beyond 32.
+# Runs per vmapped call. Per run-step, 8 -> 32 runs gained 12% on seq-gru and 3% on
+# seq-transformer (experiments/results/throughput_v2.md): little left to gain beyond.
 MAX_CHUNK_RUNS = 32
 # Dropout p given to the called copy's dropout sites so that every site calls
 # F.dropout / sdpa with p > 0 and is intercepted; the run's own p replaces it.
