@@ -200,7 +200,7 @@ def run_envs(args) -> list[dict]:
         kib = state_kib(task)
         for backend, n, procs in confs:
             ms = results[(task, backend, n, procs)]
-            rss = measure_memory(task, backend, n, procs)
+            rss = math.nan if args.no_rss else measure_memory(task, backend, n, procs)
             print(f"{task:12s} {backend:8s} n={n:3d}: RSS/env {rss / 2**20:7.1f} MiB", flush=True)
             rows.append(
                 {
@@ -459,7 +459,7 @@ def write(rows, kernels, chunks, args, load, func_kernels=None) -> None:
         for k, v in vars(args).items()
         if not isinstance(v, bool) and k != "ppo" and v not in ([], "")
     )
-    cmd += "".join(f" --{k}" for k, v in vars(args).items() if v is True)
+    cmd += "".join(f" --{k.replace('_', '-')}" for k, v in vars(args).items() if v is True)
     lines = [
         "# Throughput: one model per env vs batched",
         "",
@@ -662,6 +662,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--one", default="dummy,subproc", help="one-model-per-env backends")
     ap.add_argument("--out", default="throughput", help="results/OUT.md and OUT.png")
+    ap.add_argument("--no-rss", action="store_true", help="skip the RSS-per-env measurement")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument(
         "--func-kernels",
