@@ -15,6 +15,7 @@ the tests use 160 samples for all but the MLP, to stay fast):
   agreement.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from rlhpo.tasks import load_suite
 from rlhpo.trainees import build_trainee
 from rlhpo.trainees.batched import BatchedTrainee, supports_batching
 from rlhpo.trainees.functional import (
@@ -194,6 +196,15 @@ def test_routing_and_bad_inputs(suite):
     assert type(make_batched_trainee(suite.task("seq-gru"))) is FunctionalTrainee
     pool = RunPool()
     assert isinstance(pool.new_run(suite.task("seq-transformer"), {}, 0).group, FunctionalTrainee)
+    # Benchmark v2: a task weight decay is not batched (the stacked optimizer knows
+    # the default only), nor a language model's per-token targets.
+    v2 = load_suite("default")
+    tasks = [v2.task(t) for t in (*v2.train, *v2.test)]
+    gru = next(t for t in tasks if t.model == "gru")
+    assert gru.weight_decay is not None and not supports_batching(gru)
+    assert supports_functional(dataclasses.replace(gru, weight_decay=None))
+    lm = next(t for t in tasks if t.model == "decoder")
+    assert not supports_functional(dataclasses.replace(lm, weight_decay=None))
     with pytest.raises(ValueError, match="max_chunk_runs must be >= 1, got 0"):
         FunctionalTrainee(suite.task("seq-gru"), max_chunk_runs=0)
     with pytest.raises(ValueError, match="is bidirectional"):

@@ -37,7 +37,9 @@ Routing: ``mlp`` and ``cnn1d`` keep the hand-written stacked backend (measured
 faster for them: 297 vs 508 us per model-step on the MNIST-1D MLP at 32 runs,
 experiments/results/throughput.md); every other family
 whose model passes :func:`supports_functional` uses this one
-(:func:`make_batched_trainee`).
+(:func:`make_batched_trainee`). Not batched (yet): a task's own weight decay
+(benchmark v2 sets one on every task; the stacked optimizer knows each
+optimizer's default only) and per-token targets (the decoder LM).
 """
 
 from __future__ import annotations
@@ -374,8 +376,11 @@ def supports_functional(spec: TaskSpec) -> bool:
         return False
     key = repr((spec.model, spec.model_args, spec.dataset, spec.dataset_args))
     if key not in _SUPPORTED:
-        model = init_model(spec, task_data(spec), 0.0, 0)
-        _SUPPORTED[key] = FunctionalNet.supports(model)
+        data = task_data(spec)
+        # The batched loop and its loss take one target per sample (not a language
+        # model's target per token).
+        one_target = data.y_train.dim() == 1
+        _SUPPORTED[key] = one_target and FunctionalNet.supports(init_model(spec, data, 0.0, 0))
     return _SUPPORTED[key]
 
 
