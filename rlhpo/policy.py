@@ -180,8 +180,141 @@ def _jsonable(d: Any) -> Any:
     return d
 
 
+# Policy files may come from anywhere: every limit below is checked before a tensor is
+# allocated or a field is used, so a hostile or corrupt file fails with one line
+# instead of a traceback, a hang or a multi-GB allocation. The shipped policies
+# use a few KB, 2 hidden layers of 64 and under 10,000 weights.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_DEPTH = 16
+MAX_HIDDEN_LAYERS = 8
+MAX_WIDTH = 4096
+MAX_TENSORS = 64
+MAX_WEIGHT_VALUES = 1 << 24
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (the value may be hostile)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            return d
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    text = repr(v) if not isinstance(v, (dict, list)) or _depth(v) <= MAX_DEPTH else "(deep)"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int_list(where: str, v: Any, lo: int, hi: int, max_len: int, min_len: int = 0) -> list[int]:
+    if not isinstance(v, list) or not min_len <= len(v) <= max_len:
+        raise PolicyFileError(
+            f"{where} must be a list of {min_len} to {max_len} integers, got {_short(v)}"
+        )
+    for x in v:
+        if not _is_int(x) or not lo <= x <= hi:
+            raise PolicyFileError(
+                f"{where} entries must be integers in [{lo}, {hi}], got {_short(x)}"
+            )
+    return v
+
+
+def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
+    """Check a parsed manifest against the policy-file schema (types, sizes, nesting,
+    architecture caps); raise :class:`PolicyFileError` naming the first bad field."""
+    if not isinstance(m, dict) or m.get("format") != "rlhpo-policy":
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise PolicyFileError(f"{where}: not an rlhpo policy manifest (format {_short(found)})")
+    if _depth(m) > MAX_DEPTH:
+        raise PolicyFileError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+    for key in ("encoder", "codec", "architecture", "tensors"):
+        if not isinstance(m.get(key), dict):
+            raise PolicyFileError(f"{where}: {key!r} must be an object, got {_short(m.get(key))}")
+    checks = (
+        ("format_version", m.get("format_version"), FORMAT_VERSION),
+        ("encoder version", m["encoder"].get("version"), ObservationEncoder.VERSION),
+        ("codec version", m["codec"].get("version"), ActionCodec.VERSION),
+    )
+    for what, found, need in checks:
+        if not _is_int(found) or found != need:
+            raise PolicyFileError(
+                f"{where}: {what} {_short(found)} is not supported; this rlhpo needs {need} "
+                f"(retrain the policy or use the rlhpo version that wrote it: "
+                f"{_short(m.get('rlhpo_version'))})"
+            )
+    arch = m["architecture"]
+    if not _is_int(arch.get("obs_dim")) or arch["obs_dim"] != ObservationEncoder.SIZE:
+        raise PolicyFileError(
+            f"{where}: architecture.obs_dim must be {ObservationEncoder.SIZE} for this rlhpo, "
+            f"got {_short(arch.get('obs_dim'))}"
+        )
+    nvec = _int_list(f"{where}: architecture.nvec", arch.get("nvec"), 1, 256, 16, 1)
+    if tuple(nvec) != ActionCodec.NVEC:
+        raise PolicyFileError(
+            f"{where}: architecture.nvec must be {list(ActionCodec.NVEC)} for this rlhpo, "
+            f"got {nvec}"
+        )
+    _int_list(f"{where}: architecture.hidden", arch.get("hidden"), 1, MAX_WIDTH, MAX_HIDDEN_LAYERS)
+    if arch.get("activation") not in ("tanh", "relu"):
+        raise PolicyFileError(
+            f"{where}: architecture.activation must be tanh or relu, "
+            f"got {_short(arch.get('activation'))}"
+        )
+    tensors = m["tensors"]
+    if not 1 <= len(tensors) <= MAX_TENSORS:
+        raise PolicyFileError(
+            f"{where}: tensors must list 1 to {MAX_TENSORS} tensors, got {len(tensors)}"
+        )
+    for name, t in tensors.items():
+        if not isinstance(t, dict) or set(t) != {"shape", "dtype"}:
+            raise PolicyFileError(
+                f"{where}: tensors[{_short(name)}] must be an object with shape and dtype, "
+                f"got {_short(t)}"
+            )
+        _int_list(f"{where}: tensors[{_short(name)}].shape", t["shape"], 0, MAX_WEIGHT_VALUES, 4)
+        if t["dtype"] not in _DTYPES:
+            raise PolicyFileError(
+                f"{where}: tensors[{_short(name)}].dtype must be one of {', '.join(_DTYPES)}, "
+                f"got {_short(t['dtype'])}"
+            )
+    knobs = m.get("knobs", ["lr", "batch_size", "dropout"])
+    if not isinstance(knobs, list) or not all(isinstance(k, str) for k in knobs):
+        raise PolicyFileError(f"{where}: knobs must be a list of knob names, got {_short(knobs)}")
+    freeze = m.get("freeze", [])
+    if not isinstance(freeze, list) or not all(isinstance(k, str) and k in knobs for k in freeze):
+        raise PolicyFileError(
+            f"{where}: freeze must be a list of knob names from {knobs}, got {_short(freeze)}"
+        )
+    return m
+
+
+def architecture_shapes(arch: dict[str, Any]) -> dict[str, list[int]]:
+    """The tensor shapes a :class:`PolicyNet` of this architecture holds (nothing allocated)."""
+    d = arch["obs_dim"]
+    shapes: dict[str, list[int]] = {"obs_mean": [d], "obs_std": [d]}
+    for i, h in enumerate(arch["hidden"]):
+        # nn.Sequential numbers activations too: the Linear layers are 0, 2, 4, ...
+        shapes[f"policy_net.{2 * i}.weight"] = [h, d]
+        shapes[f"policy_net.{2 * i}.bias"] = [h]
+        d = h
+    shapes["action_net.weight"] = [sum(arch["nvec"]), d]
+    shapes["action_net.bias"] = [sum(arch["nvec"])]
+    return shapes
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a policy's manifest (format and versions), without the weights.
+    """Read and check a policy's manifest (schema, format and versions), without the weights.
 
     ``path`` is a policy directory or the name of a shipped policy (``default``).
     """
@@ -207,36 +340,24 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     mpath = p / MANIFEST
     if not mpath.is_file():
         raise PolicyFileError(f"{p}: missing {MANIFEST}")
+    with open(mpath, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise PolicyFileError(f"{mpath}: larger than the {MAX_MANIFEST_BYTES} bytes allowed")
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PolicyFileError(f"{mpath}: not valid JSON ({e})") from e
-    if not isinstance(m, dict) or m.get("format") != "rlhpo-policy":
-        raise PolicyFileError(
-            f"{mpath}: not an rlhpo policy manifest (format {m.get('format') if isinstance(m, dict) else None!r})"
-        )
-    checks = (
-        ("format_version", m.get("format_version"), FORMAT_VERSION),
-        ("encoder version", (m.get("encoder") or {}).get("version"), ObservationEncoder.VERSION),
-        ("codec version", (m.get("codec") or {}).get("version"), ActionCodec.VERSION),
-    )
-    for what, found, need in checks:
-        if found != need:
-            raise PolicyFileError(
-                f"{mpath}: {what} {found!r} is not supported; this rlhpo needs {need} "
-                f"(retrain the policy or use the rlhpo version that wrote it: {m.get('rlhpo_version')!r})"
-            )
-    for key in ("architecture", "tensors"):
-        if not isinstance(m.get(key), dict):
-            raise PolicyFileError(f"{mpath}: missing or malformed key {key!r}")
-    return m
+    except RecursionError:
+        raise PolicyFileError(f"{mpath}: JSON nested deeper than {MAX_DEPTH} levels") from None
+    return validate_manifest(m, str(mpath))
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Load a policy directory (or a shipped policy by name, ``default``), validating
-    manifest versions and every tensor's shape and dtype."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Load a policy directory (or a shipped policy by name, ``default``). The manifest is
+    checked first, then every tensor's name, shape and dtype in the weights file's
+    header, before any tensor is allocated."""
+    from safetensors import SafetensorError, safe_open
 
     from rlhpo.shipped import policy_path
 
@@ -251,36 +372,61 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         raise PolicyFileError(
             f"{wpath}: refusing to load a pickle/zip file; weights must be safetensors"
         )
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise PolicyFileError(f"{wpath}: not a readable safetensors file ({e})") from e
-    want = m["tensors"]
-    if set(tensors) != set(want):
+    want, arch = m["tensors"], m["architecture"]
+    shapes = architecture_shapes(arch)
+    if set(shapes) != set(want):
         raise PolicyFileError(
-            f"{wpath}: tensors {sorted(tensors)} do not match the manifest's {sorted(want)}"
+            f"{p}: the manifest's tensors {sorted(want)} do not fit its architecture "
+            f"(hidden {arch['hidden']}), which holds {sorted(shapes)}"
         )
-    for k, t in tensors.items():
-        shape, dtype = list(t.shape), str(t.dtype).replace("torch.", "")
-        if shape != want[k]["shape"] or dtype != want[k]["dtype"]:
+    for k, shape in shapes.items():
+        if want[k]["shape"] != shape:
             raise PolicyFileError(
-                f"{wpath}: tensor {k!r} is {dtype}{shape}, the manifest says {want[k]['dtype']}{want[k]['shape']}"
+                f"{p}: the manifest gives tensor {k!r} shape {want[k]['shape']}; its "
+                f"architecture (hidden {arch['hidden']}) needs {shape}"
             )
-    arch = m["architecture"]
+    values = sum(math.prod(s) for s in shapes.values())
+    if values > MAX_WEIGHT_VALUES:
+        raise PolicyFileError(
+            f"{p}: the architecture holds {values} weights, more than the {MAX_WEIGHT_VALUES} "
+            "allowed"
+        )
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            found = set(f.keys())
+            if found != set(want):
+                raise PolicyFileError(
+                    f"{wpath}: tensors {sorted(found)} do not match the manifest's {sorted(want)}"
+                )
+            for k in sorted(found):
+                sl = f.get_slice(k)
+                shape, dtype = list(sl.get_shape()), _dtype_name(sl.get_dtype())
+                if shape != want[k]["shape"] or dtype != want[k]["dtype"]:
+                    raise PolicyFileError(
+                        f"{wpath}: tensor {k!r} is {dtype}{shape}, the manifest says "
+                        f"{want[k]['dtype']}{want[k]['shape']}"
+                    )
+            tensors = {k: f.get_tensor(k) for k in found}
+    except PolicyFileError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).replace("\n", " ")
+        raise PolicyFileError(f"{wpath}: not a readable safetensors file ({msg})") from e
     try:
         net = PolicyNet(
-            obs_dim=int(arch["obs_dim"]),
+            obs_dim=arch["obs_dim"],
             nvec=tuple(arch["nvec"]),
             hidden=tuple(arch["hidden"]),
-            activation=str(arch["activation"]),
+            activation=arch["activation"],
         )
         net.load_state_dict(tensors)
     except (KeyError, TypeError, RuntimeError) as e:
         raise PolicyFileError(f"{p}: weights do not fit the manifest's architecture ({e})") from e
-    if tuple(net.nvec) != ActionCodec.NVEC or net.obs_dim != ObservationEncoder.SIZE:
-        raise PolicyFileError(
-            f"{p}: network maps {net.obs_dim} features to {list(net.nvec)}; this rlhpo needs "
-            f"{ObservationEncoder.SIZE} to {list(ActionCodec.NVEC)}"
-        )
     net.eval()
     return Policy(net=net, manifest=m, path=p)
+
+
+def _dtype_name(safetensors_dtype: str) -> str:
+    """safetensors' header names (F32, BF16, ...) as torch's (float32, bfloat16, ...)."""
+    names = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
+    return names.get(safetensors_dtype, safetensors_dtype.lower())

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from rlhpo.env import HPOEnv, run_seed_for
-from rlhpo.policy import PolicyFileError, PolicyNet, load_policy, save_policy
+from rlhpo.policy import (
+    PolicyFileError,
+    PolicyNet,
+    architecture_shapes,
+    load_policy,
+    save_policy,
+)
 
 
 @pytest.fixture
@@ -58,7 +64,18 @@ def test_truncated_and_mismatched_weights(saved):
     m = json.loads((path / "manifest.json").read_text())
     m["tensors"]["action_net.weight"]["shape"] = [11, 64]
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(PolicyFileError, match="tensor 'action_net.weight' is float32\\[11, 32\\]"):
+    with pytest.raises(PolicyFileError, match="tensor 'action_net.weight' shape \\[11, 64\\]"):
+        load_policy(path)
+    # A manifest that agrees with its architecture but not with the weights file.
+    save_policy(path, PolicyNet(hidden=(32,)))
+    m = json.loads((path / "manifest.json").read_text())
+    m["architecture"]["hidden"] = [16]
+    m["tensors"] = {
+        k: {"shape": s, "dtype": "float32"}
+        for k, s in architecture_shapes(m["architecture"]).items()
+    }
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PolicyFileError, match="tensor '.*' is float32\\[.*\\], the manifest says"):
         load_policy(path)
 
 
@@ -70,3 +87,65 @@ def test_run_seed_for_matches_env():
     tr = build_trainee(env.spec_task, seed=run_seed_for(5))
     for a, b in zip(env.trainee.model.parameters(), tr.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def _edit_manifest(path, edit):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda m: m["tensors"].update({"obs_mean": 5}),
+            r"tensors\['obs_mean'\] must be an object",
+        ),
+        (lambda m: m.update(freeze=5), "freeze must be a list of knob names"),
+        (lambda m: m.update(freeze=["momentum"]), "freeze must be a list of knob names"),
+        (lambda m: m["architecture"].update(hidden=[30_000_000, 64]), r"hidden entries .*4096\]"),
+        (lambda m: m["architecture"].update(hidden=[8] * 9), "hidden must be a list of 0 to 8"),
+        (lambda m: m["architecture"].update(obs_dim="16"), "obs_dim must be 16"),
+        (lambda m: m.update(format_version=True), "format_version True is not supported"),
+        (lambda m: m["tensors"]["obs_mean"].update(dtype="object"), "dtype must be one of"),
+        (lambda m: m.update(note=[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]), "nested deeper than 16"),
+    ],
+)
+def test_hostile_manifest_is_one_clear_error(saved, edit, message):
+    _, path = saved
+    _edit_manifest(path, edit)
+    with pytest.raises(PolicyFileError, match=message):
+        load_policy(path)
+
+
+def test_deep_and_huge_manifests_fail_fast(saved):
+    _, path = saved
+    text = (path / "manifest.json").read_text()
+    # Deep enough to exhaust json's recursion, still under the size cap.
+    (path / "manifest.json").write_text(text[:-2] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(PolicyFileError, match="nested deeper than 16"):
+        load_policy(path)
+    (path / "manifest.json").write_text(text[:-2] + ', "note": "' + "x" * 2_000_000 + '"}')
+    with pytest.raises(PolicyFileError, match="larger than the 1048576 bytes allowed"):
+        load_policy(path)
+
+
+def test_oversized_architecture_is_refused_before_allocation(saved, monkeypatch):
+    _, path = saved
+    # Consistent manifest (tensors agree with the architecture) of ~25M weights.
+    arch = {"obs_dim": 16, "nvec": [5, 3, 3], "hidden": [4096] * 3, "activation": "tanh"}
+    shapes = architecture_shapes(arch)
+
+    def edit(m):
+        m["architecture"] = arch
+        m["tensors"] = {k: {"shape": s, "dtype": "float32"} for k, s in shapes.items()}
+
+    _edit_manifest(path, edit)
+
+    def no_alloc(*a, **k):
+        raise AssertionError("PolicyNet built before the size check")
+
+    monkeypatch.setattr("rlhpo.policy.PolicyNet.__init__", no_alloc)
+    with pytest.raises(PolicyFileError, match="more than the 16777216 allowed"):
+        load_policy(path)

@@ -12,7 +12,12 @@ its cost was never recorded).
 
 Studies live in any Optuna RDB storage (a SQLite file by default) and are created
 with ``load_if_exists=True``: running the same study again continues it up to
-``n_trials`` finished trials.
+``n_trials`` finished trials, and gives what an uninterrupted study gives. Three
+things make that so: a trial's training seed comes from the cell's seed and the
+trial's hyperparameters (not its number), the sampler is reseeded from the cell's
+seed and the count of finished trials before each trial (a new process would
+otherwise restart its random stream), and a trial left RUNNING by a killed process
+is run again in place, with the hyperparameters it already drew and its number.
 """
 
 from __future__ import annotations
@@ -76,6 +81,19 @@ class StudyOutcome:
 def trial_seed(seed: int, number: int) -> int:
     """The trainee seed of trial ``number`` in the study of cell seed ``seed``."""
     return int(np.random.SeedSequence([int(seed), int(number)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def params_seed(seed: int, hp: dict[str, Any]) -> int:
+    """The trainee seed of a trial with hyperparameters ``hp`` in the study of cell seed
+    ``seed``: the same hyperparameters always train the same way, so a trial asked again
+    after a resume scores what it scored before."""
+    import hashlib
+    import json
+
+    text = json.dumps({k: hp[k] for k in sorted(hp)}, sort_keys=True, default=repr)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    words = [int(seed), digest & 0xFFFFFFFF, digest >> 32]
+    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def make_sampler(kind: str, seed: int, n_trials: int):
@@ -145,10 +163,10 @@ def run_study(
 ) -> StudyOutcome:
     """Run (or continue) a study on ``spec`` until it holds ``n_trials`` finished trials.
 
-    Trial ``k`` trains with seed :func:`trial_seed` ``(seed, k)``; the sampler is
-    seeded with ``seed``. A trial left RUNNING by a killed run is marked FAIL (this
-    study belongs to one comparison cell) and does not count towards ``n_trials``;
-    whatever cost it had recorded still counts.
+    A trial with hyperparameters ``hp`` trains with seed :func:`params_seed` ``(seed,
+    hp)``; before the trial that follows ``k`` finished ones the sampler is seeded with
+    :func:`trial_seed` ``(seed, k)``. A trial left RUNNING by a killed run (this study
+    belongs to one comparison cell, and its folder is locked) is run again in place.
     """
     import optuna
     from optuna.trial import TrialState
@@ -165,8 +183,6 @@ def run_study(
         direction="maximize",
         load_if_exists=True,
     )
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        store.set_trial_state_values(t._trial_id, TrialState.FAIL)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     found = len(study.get_trials(deepcopy=False, states=finished))
 
@@ -196,7 +212,7 @@ def run_study(
                 trial.set_user_attr("val_trace", val_trace)
                 raise optuna.TrialPruned()
 
-        out = run_single(spec, hp, trial_seed(seed, trial.number), on_interval=on_interval)
+        out = run_single(spec, hp, params_seed(seed, hp), on_interval=on_interval)
         trial.set_user_attr(
             "cost",
             {
@@ -221,10 +237,41 @@ def run_study(
         trial.set_user_attr("trace", [_json_row(r) for r in out.trace])
         return out.val_norm
 
-    remaining = n_trials - found
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=())
+    done = found
+    while done < n_trials:
+        study.sampler = make_sampler(sampler, trial_seed(seed, done), n_trials)
+        left = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if left:
+            trial = optuna.trial.Trial(study, left[0]._trial_id)
+            if "cost" in left[0].user_attrs:  # what the killed attempt had recorded
+                trial.set_user_attr("killed_cost", left[0].user_attrs["cost"])
+        else:
+            trial = study.ask()
+        _run_trial(study, trial, objective)
+        done += 1
     return collect(study, found=found)
+
+
+def _run_trial(study, trial, objective) -> None:
+    """Run ``objective`` on ``trial`` and tell the study how it ended (what
+    ``Study.optimize`` does, for a trial that may be a resumed one)."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        with warnings.catch_warnings():
+            # A resumed trial reports again the intervals its killed run had reported.
+            warnings.filterwarnings("ignore", message="The reported value is ignored")
+            value = objective(trial)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    study.tell(trial, value)
 
 
 def collect(study, found: int = 0) -> StudyOutcome:
@@ -235,7 +282,9 @@ def collect(study, found: int = 0) -> StudyOutcome:
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if t.state == TrialState.WAITING:
             continue
-        cost = t.user_attrs.get("cost", {})
+        # A trial run again after a kill is charged for both attempts.
+        cost, killed = t.user_attrs.get("cost", {}), t.user_attrs.get("killed_cost", {})
+        cost = {k: cost.get(k, 0) + killed.get(k, 0) for k in set(cost) | set(killed)}
         res = t.user_attrs.get("result", {})
         complete = t.state == TrialState.COMPLETE
         trials.append(

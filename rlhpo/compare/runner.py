@@ -39,6 +39,7 @@ from rlhpo.compare.methods import (
     parse_method,
     resolve,
 )
+from rlhpo.run_folder import RunFolderLock, make_run_folder
 from rlhpo.tasks.spec import TaskSpec, load_suite
 
 RESULT_COLUMNS = [
@@ -108,6 +109,8 @@ TRIAL_COLUMNS = [
     "val_trace",
 ]
 REFERENCE = parse_method("static")
+# Fewer resamples give confidence intervals that move from run to run.
+MIN_BOOTSTRAP_REPS = 100
 
 
 class CompareError(ValueError):
@@ -354,6 +357,10 @@ def _prepare(cfg: CompareConfig) -> tuple[Any, list[TaskSpec], list[Method]]:
         raise CompareError("--seeds must give at least one seed")
     if not cfg.budget_scale > 0:
         raise CompareError(f"--budget-scale must be > 0, got {cfg.budget_scale!r}")
+    if cfg.bootstrap_reps < MIN_BOOTSTRAP_REPS:
+        raise CompareError(
+            f"--bootstrap-reps must be >= {MIN_BOOTSTRAP_REPS}, got {cfg.bootstrap_reps!r}"
+        )
     suite = load_suite(cfg.suite)
     specs = suite.split(cfg.split)
     if cfg.tasks:
@@ -387,8 +394,15 @@ def _check_folder(cfg: CompareConfig, suite, specs: list[TaskSpec], methods) -> 
         "policy_sha256": _fingerprints(methods),
     }
     if not path.exists():
-        return {**now, "sessions": []}
-    old = json.loads(path.read_text())
+        return {**now, "comparison_id": _new_comparison_id(cfg, now), "sessions": []}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompareError(f"{path}: unreadable ({e}); use another --out") from None
+    if not isinstance(old, dict):
+        raise CompareError(f"{path}: not a comparison record; use another --out")
+    # Folders written before comparison ids keep their studies' old names.
+    old.setdefault("comparison_id", cfg.out.resolve().name)
     for key in ("suite", "split", "budget_scale"):
         if old.get(key) != now[key]:
             raise CompareError(
@@ -431,6 +445,21 @@ def _fingerprints(methods: list[Method]) -> dict[str, str]:
     return out
 
 
+def _new_comparison_id(cfg: CompareConfig, setup: dict[str, Any]) -> str:
+    """The name of a new comparison's Optuna studies and W&B group: the folder's name
+    for people, a digest of the setup (and a nonce, so that two separate comparisons of
+    one setup sharing a storage stay apart) for uniqueness. Stored in compare.json, so a
+    moved or renamed folder keeps it."""
+    import hashlib
+    import uuid
+
+    text = json.dumps(
+        {**setup, "seeds": cfg.seeds, "starts": cfg.starts, "nonce": uuid.uuid4().hex},
+        sort_keys=True,
+    )
+    return f"{cfg.out.resolve().name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 def _same_setup(prev_raw: str, method: Method) -> bool:
     """Whether a label's method string from an earlier session means what ``method``
     means now (the same method spelt differently, e.g. a policy that moved, still is)."""
@@ -444,10 +473,15 @@ def _same_setup(prev_raw: str, method: Method) -> bool:
 
 
 def plan_cells(
-    cfg: CompareConfig, suite, specs: list[TaskSpec], methods: list[Method]
+    cfg: CompareConfig,
+    suite,
+    specs: list[TaskSpec],
+    methods: list[Method],
+    comparison: str | None = None,
 ) -> list[Cell]:
-    """All cells of the comparison, cost-reference cells (static, default start) first."""
-    comparison = cfg.out.resolve().name
+    """All cells of the comparison, cost-reference cells (static, default start) first.
+    ``comparison``: the id recorded in compare.json (default: the folder's name)."""
+    comparison = comparison or cfg.out.resolve().name
     common = dict(
         out=str(cfg.out),
         comparison=comparison,
@@ -488,38 +522,63 @@ def _load_done(out: Path) -> dict[tuple, dict[str, str]]:
     rows, torn = results.read()
     done: dict[tuple, dict[str, str]] = {}
     for r in rows:
-        done.setdefault(row_key(r), r)
+        done.setdefault(_checked_key(results.path, r, row_key), r)
     if torn or len(done) != len(rows):
         results.rewrite(done.values())
-    for name, cols, keyf in (
-        ("traces.csv", TRACE_COLUMNS, row_key),
-        (
-            "trials.csv",
-            TRIAL_COLUMNS,
-            lambda r: (r["method"], r["task"], int(r["seed"]), ANY_START),
-        ),
+    for name, cols, keyf, rowf in (
+        ("traces.csv", TRACE_COLUMNS, row_key, lambda r: (*row_key(r), r["trial"], r["interval"])),
+        ("trials.csv", TRIAL_COLUMNS, _trial_cell, lambda r: (*_trial_cell(r), r["trial"])),
     ):
         log = CsvLog(out / name, cols)
         part, torn = log.read()
-        keep = [r for r in part if keyf(r) in done]
-        if torn or len(keep) != len(part):
-            log.rewrite(keep)  # rows of cells that were in flight when the run stopped
+        # Only rows of finished cells (a cell in flight when the run stopped left some),
+        # and each row once (a cell run twice, e.g. by two processes before locking, has
+        # two copies: keep the first, as results.csv does).
+        kept: dict[tuple, dict[str, str]] = {}
+        for r in part:
+            if _checked_key(log.path, r, keyf) in done:
+                kept.setdefault(rowf(r), r)
+        if torn or len(kept) != len(part):
+            log.rewrite(kept.values())
     return done
 
 
+def _trial_cell(r: dict[str, str]) -> tuple[str, str, int, str]:
+    return (r["method"], r["task"], int(r["seed"]), ANY_START)
+
+
+def _checked_key(path: Path, row: dict[str, str], keyf) -> tuple:
+    try:
+        return keyf(row)
+    except ValueError:
+        raise CompareError(
+            f"{path}: a row has seed {row.get('seed')!r}, not an integer; fix or remove "
+            "that row, or use another --out"
+        ) from None
+
+
 def run_comparison(cfg: CompareConfig, console=None, show_progress: bool = True) -> CompareResult:
-    """Run (or continue) a comparison and write results, traces, summary and plots."""
+    """Run (or continue) a comparison and write results, traces, summary and plots.
+
+    Holds ``cfg.out`` for the whole run: a second process on the same folder gets a
+    :class:`~rlhpo.run_folder.RunFolderBusy` error instead of interleaving its rows."""
+    t_start = time.perf_counter()
+    prepared = _prepare(cfg)
+    make_run_folder(cfg.out)
+    with RunFolderLock(cfg.out, cfg.command):
+        return _run_held(cfg, prepared, t_start, console, show_progress)
+
+
+def _run_held(cfg: CompareConfig, prepared, t_start: float, console, show_progress: bool):
     from rich.console import Console
 
     console = console or Console()
-    t_start = time.perf_counter()
-    suite, specs, methods = _prepare(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    suite, specs, methods = prepared
     ignore = cfg.out / ".gitignore"
     if not ignore.exists():  # committing a results folder leaves out logs and studies
-        ignore.write_text("runs/\nstudies/\n*.tmp\n")
+        ignore.write_text("runs/\nstudies/\n*.tmp\n.rlhpo.lock*\n")
     meta = _check_folder(cfg, suite, specs, methods)
-    cells = plan_cells(cfg, suite, specs, methods)
+    cells = plan_cells(cfg, suite, specs, methods, comparison=meta["comparison_id"])
     done = _load_done(cfg.out)
     (cfg.out / "compare.json").write_text(json.dumps(meta, indent=2) + "\n")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # spawned workers inherit it

@@ -60,10 +60,10 @@ class PolicyMethod(Method):
         return cls(text.raw, label, policy_dir=text.arg, freeze=freeze)
 
     def resolve(self, suite_name: str, specs: list[TaskSpec]) -> PolicyMethod:
-        from rlhpo.policy import PolicyFileError, read_manifest
+        from rlhpo.policy import PolicyFileError, load_policy
 
-        try:
-            read_manifest(self.policy_dir)
+        try:  # the whole file, weights included: a broken one fails before any cell runs
+            load_policy(self.policy_dir)
         except PolicyFileError as e:
             raise MethodError(f"method {self.raw!r}: {e}") from None
         return self
