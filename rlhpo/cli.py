@@ -29,8 +29,15 @@ console = Console(width=None if sys.stdout.isatty() else 130)
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False)
+    # One line, never wrapped, so scripts can grep it.
+    msg = str(msg).replace("\n", " ")
+    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def _flag(name: str, help: str):
+    """A boolean option shown as a plain flag (``--json``), not ``--json <bool>``."""
+    return typer.Option(name, help=help, metavar="")
 
 
 @app.command()
@@ -40,14 +47,9 @@ def tasks(
     ] = "default",
     split: Annotated[str, typer.Option(help="train, test or all.")] = "all",
     as_json: Annotated[
-        bool,
-        typer.Option(
-            "--json", help="Print JSON (suite, families, tasks, folds) instead of tables."
-        ),
+        bool, _flag("--json", "Print JSON (suite, families, tasks, folds) instead of tables.")
     ] = False,
-    folds: Annotated[
-        bool, typer.Option("--folds", help="Also list the leave-one-family-out folds.")
-    ] = False,
+    folds: Annotated[bool, _flag("--folds", "Also list the leave-one-family-out folds.")] = False,
 ) -> None:
     """List a suite's task families, its tasks (drawn instances included) and folds."""
     from rlhpo.tasks import SpecError, load_suite
@@ -137,7 +139,9 @@ def episode(
     except (SpecError, ValueError) as e:
         _fail(str(e))
     if policy not in ("noop", "random"):
-        _fail(f"policy must be noop or random, got {policy!r}")
+        _fail(f"--policy must be noop or random, got {policy!r}")
+    if start not in ("default", "random"):
+        _fail(f"--start must be default or random, got {start!r}")
     show_episode(env, name, seed, policy, start)
 
 
@@ -249,7 +253,7 @@ def compare(
         str, typer.Option(help="Optuna RDB URL (default: a SQLite file per study in OUT).")
     ] = "",
     budget_scale: Annotated[float, typer.Option(help="Multiply every task's budget.")] = 1.0,
-    no_wandb: Annotated[bool, typer.Option("--no-wandb", help="JSONL logs only.")] = False,
+    no_wandb: Annotated[bool, _flag("--no-wandb", "JSONL logs only.")] = False,
     bootstrap_reps: Annotated[int, typer.Option(help="Bootstrap resamples for CIs.")] = 2000,
 ) -> None:
     """Compare tuning methods on a suite at equal sample budget: results.csv, summary.md, PNGs."""
@@ -259,6 +263,7 @@ def compare(
     from rlhpo.compare.methods import parse_starts
     from rlhpo.compare.report import console_table
     from rlhpo.compare.runner import command_line, run_comparison
+    from rlhpo.run_folder import RunFolderError
     from rlhpo.tasks import SpecError
 
     try:
@@ -280,7 +285,7 @@ def compare(
             command=command_line(),
         )
         res = run_comparison(cfg, console=console)
-    except (MethodError, CompareError, SpecError) as e:
+    except (MethodError, CompareError, SpecError, RunFolderError) as e:
         _fail(str(e))
     _show_result(res, console_table)
 
@@ -310,9 +315,26 @@ def demo(
     out: Annotated[str, typer.Option(help="Output folder (default runs/demo-TIME).")] = "",
 ) -> None:
     """The first taste: the shipped policy on a held-out task vs static, plateau and Optuna."""
+    from rlhpo.compare import CompareError, MethodError
     from rlhpo.compare.demo import DEFAULT_POLICY, run_demo
     from rlhpo.compare.report import console_table
+    from rlhpo.run_folder import RunFolderError, check_run_folder
+    from rlhpo.tasks import SpecError, load_suite
 
+    if seeds < 1:
+        _fail(f"--seeds must be >= 1, got {seeds}")
+    if trials < 1:
+        _fail(f"--trials must be >= 1, got {trials}")
+    try:  # before the introduction, so that a bad input is all that is printed
+        check_run_folder(out or ".")
+        test_tasks = load_suite("default").test
+    except (RunFolderError, SpecError) as e:
+        _fail(str(e))
+    if task not in test_tasks:
+        _fail(
+            f"--task must be a held-out task of the default suite ({', '.join(test_tasks)}), "
+            f"got {task!r}"
+        )
     pol = policy or str(DEFAULT_POLICY)
     console.print(
         f"[bold]rlhpo demo[/bold]: policy [cyan]{pol}[/cyan] tunes a run of the held-out task "
@@ -324,7 +346,7 @@ def demo(
         res = run_demo(
             pol, out or None, task=task, seeds=tuple(range(seeds)), trials=trials, console=console
         )
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CompareError, MethodError, SpecError, RunFolderError) as e:
         _fail(str(e))
     _show_result(res, console_table)
 
@@ -341,10 +363,8 @@ def train(
     n_envs: Annotated[
         int | None, typer.Option(help="Parallel envs (PPO; default from the recipe).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from DIR's last checkpoint.")] = False,
-    no_wandb: Annotated[
-        bool, typer.Option("--no-wandb", help="Log only to DIR/log.jsonl.")
-    ] = False,
+    resume: Annotated[bool, _flag("--resume", "Continue from DIR's last checkpoint.")] = False,
+    no_wandb: Annotated[bool, _flag("--no-wandb", "Log only to DIR/log.jsonl.")] = False,
     recipe: Annotated[
         str | None,
         typer.Option(help="Recipe TOML (default: the shipped rlhpo/recipes/<agent>.toml)."),
@@ -359,9 +379,12 @@ def train(
 
     from rlhpo.agents import AGENTS, load_settings
     from rlhpo.agents import train as train_agent
-    from rlhpo.agents.checkpoint import CHECKPOINT, CheckpointError
+    from rlhpo.agents.checkpoint import CHECKPOINT, CheckpointError, has_checkpoint
+    from rlhpo.run_folder import RunFolderError, RunFolderLock, make_run_folder
     from rlhpo.tasks import SpecError
 
+    if timesteps < 1:
+        _fail(f"--timesteps must be >= 1, got {timesteps}")
     if agent not in AGENTS:
         _fail(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
     overrides = list(set_ or [])
@@ -369,13 +392,18 @@ def train(
         if agent != "ppo":
             _fail(f"--n-envs applies to ppo only (reinforce runs one env), got --agent {agent}")
         overrides.append(f"n_envs={n_envs}")
-    if (Path(out) / CHECKPOINT).exists() and not resume:
-        _fail(
-            f"{out} already holds a training run ({CHECKPOINT}); pass --resume to continue it "
-            "or choose another --out"
-        )
+    command = " ".join(["rlhpo", *sys.argv[1:]])
     try:
         settings = load_settings(agent, recipe, overrides)
+        lock = RunFolderLock(make_run_folder(out), command).acquire()
+    except (ValueError, SpecError, RunFolderError) as e:
+        _fail(str(e))
+    try:
+        if has_checkpoint(out) and not resume:
+            _fail(
+                f"{out} already holds a training run ({CHECKPOINT}); pass --resume to continue "
+                "it or choose another --out"
+            )
         info = train_agent(
             agent,
             settings,
@@ -386,10 +414,19 @@ def train(
             resume=resume,
             use_wandb=not no_wandb,
             console=console,
-            command=" ".join(["rlhpo", *sys.argv[1:]]),
+            command=command,
         )
     except (ValueError, SpecError, CheckpointError) as e:
         _fail(str(e))
+    finally:
+        lock.release()
+    if info["timesteps"] > timesteps:
+        unit = "rollouts (n_steps x n_envs)" if agent == "ppo" else "episodes"
+        console.print(
+            f"note: trained {info['timesteps']} timesteps for --timesteps {timesteps}: "
+            f"{agent} trains in whole {unit}",
+            highlight=False,
+        )
     console.print(
         f"[green]policy saved[/green] to {Path(out) / 'policy'}: {info['timesteps']} timesteps, "
         f"{info['episodes']} episodes, {info['train_wall_time_s']:.0f} s, "
@@ -459,16 +496,14 @@ def apply_cmd(
     ] = "default",
     budget_scale: Annotated[float, typer.Option(help="Multiply the task's sample budget.")] = 1.0,
     stochastic: Annotated[
-        bool, typer.Option("--stochastic", help="Sample actions instead of the most likely.")
+        bool, _flag("--stochastic", "Sample actions instead of the most likely.")
     ] = False,
-    no_wandb: Annotated[
-        bool, typer.Option("--no-wandb", help="Log only to OUT/log.jsonl.")
-    ] = False,
+    no_wandb: Annotated[bool, _flag("--no-wandb", "Log only to OUT/log.jsonl.")] = False,
     vs_static: Annotated[
         bool,
-        typer.Option(
+        _flag(
             "--vs-static",
-            help="Also train the static run from the same start and seed; report both and "
+            "Also train the static run from the same start and seed; report both and "
             "the policy run's optimizer steps and wall time relative to it.",
         ),
     ] = False,
@@ -495,7 +530,13 @@ def apply_cmd(
     ):
         table.add_column(col, justify="right")
 
+    # Started at the first row, so that an error in the inputs is printed alone,
+    # not after an empty table.
+    live = Live(table, console=console, refresh_per_second=4)
+
     def add_row(r) -> None:
+        if not live.is_started:
+            live.start()
         table.add_row(
             str(r.interval) + (" [red]rollback[/red]" if r.rolled_back else ""),
             str(r.samples),
@@ -508,22 +549,27 @@ def apply_cmd(
         )
 
     try:
-        with Live(table, console=console, refresh_per_second=4):
-            res = apply_policy(
-                policy,
-                task,
-                suite=suite,
-                seed=seed,
-                start=start,
-                budget_scale=budget_scale,
-                out_dir=out,
-                use_wandb=not no_wandb,
-                deterministic=not stochastic,
-                on_row=add_row,
-                vs_static=vs_static,
-            )
-    except (PolicyFileError, SpecError, ValueError, FileExistsError) as e:
+        res = apply_policy(
+            policy,
+            task,
+            suite=suite,
+            seed=seed,
+            start=start,
+            budget_scale=budget_scale,
+            out_dir=out,
+            use_wandb=not no_wandb,
+            deterministic=not stochastic,
+            on_row=add_row,
+            vs_static=vs_static,
+        )
+    except (PolicyFileError, SpecError, ValueError, OSError) as e:
+        if live.is_started:
+            live.stop()
+            console.line()
         _fail(str(e))
+    finally:
+        if live.is_started:
+            live.stop()
     console.line()  # Live leaves the cursor at the table's last line when piped
     f = res.final
     console.print(

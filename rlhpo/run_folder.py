@@ -31,13 +31,19 @@ class RunFolderBusy(RunFolderError):
     """Another live process holds the output folder."""
 
 
-def make_run_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
-    """Create ``path`` (and its parents) as a folder, or say in one line why it cannot be."""
+def check_run_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Raise :class:`RunFolderError` if ``path`` or one of its parents is a file."""
     p = Path(path)
     for q in (p, *p.parents):
         if q.exists() and not q.is_dir():
             what = "is a file" if q == p else f"is below {q}, which is a file"
             raise RunFolderError(f"{option} must be a folder, but {p} {what}")
+    return p
+
+
+def make_run_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Create ``path`` (and its parents) as a folder, or say in one line why it cannot be."""
+    p = check_run_folder(path, option)
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:

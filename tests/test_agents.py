@@ -205,6 +205,24 @@ def test_checkpoint_roundtrip_optimizer_and_rng(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    for ts in (10, 20):
+        save_checkpoint(tmp_path, {"w": torch.full((3,), float(ts))}, {"timesteps": ts})
+    assert load_checkpoint(tmp_path)[1]["timesteps"] == 20
+    last = tmp_path / CHECKPOINT
+    last.write_bytes(last.read_bytes()[:40])  # e.g. a full disk when it was copied
+    with pytest.warns(RuntimeWarning, match="resuming from the previous checkpoint.*10 timesteps"):
+        tensors, meta = load_checkpoint(tmp_path)
+    assert meta["timesteps"] == 10 and torch.equal(tensors["w"], torch.full((3,), 10.0))
+    last.unlink()  # killed between the two renames of a save
+    with pytest.warns(RuntimeWarning, match="is missing"):
+        assert load_checkpoint(tmp_path)[1]["timesteps"] == 10
+    prev = tmp_path / "checkpoint.prev.safetensors"
+    prev.write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no checkpoint|not a readable"):
+        load_checkpoint(tmp_path)
+
+
 def _cli_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 

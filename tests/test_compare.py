@@ -540,3 +540,58 @@ def test_compare_with_pbt_and_the_ray_executor(tmp_path):
     rows = {r["method"]: r for r in _rows(out / "results.csv")}
     assert int(rows["pbt:2"]["samples"]) == 2 * int(rows["pbt:2"]["budget_samples"])
     assert len([t for t in _rows(out / "trials.csv") if t["state"] == "MEMBER"]) == 2
+
+
+def _study_trials(db: Path) -> dict[str, int]:
+    import optuna
+
+    url = f"sqlite:///{db}"
+    return {
+        s.study_name: len(optuna.load_study(study_name=s.study_name, storage=url).trials)
+        for s in optuna.get_all_study_summaries(url)
+    }
+
+
+def test_resume_deduplicates_traces_and_trials(tmp_path):
+    out = tmp_path / "cmp"
+    cfg = _config(out, "static,optuna-tpe:2", tasks=["bc-mlp"], seeds=[0], starts=["default"])
+    run_comparison(cfg, show_progress=False)
+    files = {n: (out / n).read_text() for n in ("results.csv", "traces.csv", "trials.csv")}
+    for name, text in files.items():  # a cell written twice, e.g. by two processes
+        body = text.splitlines(keepends=True)[1:]
+        (out / name).write_text(text + "".join(body))
+    again = run_comparison(cfg, show_progress=False)
+    assert (again.ran, again.skipped) == (0, 2)
+    for name, text in files.items():
+        assert (out / name).read_text() == text, name
+
+
+def test_a_moved_comparison_resumes_its_studies(tmp_path):
+    one = dict(tasks=["bc-mlp"], seeds=[0], starts=["default"])
+    out = tmp_path / "cmp"
+    run_comparison(_config(out, "static,optuna-tpe:2", **one), show_progress=False)
+    moved = tmp_path / "renamed"
+    out.rename(moved)
+    # The study finished but its results row was lost (killed before it was written).
+    lines = (moved / "results.csv").read_text().splitlines(keepends=True)
+    (moved / "results.csv").write_text("".join(line for line in lines if "optuna" not in line))
+    again = run_comparison(_config(moved, "static,optuna-tpe:2", **one), show_progress=False)
+    assert again.ran == 1
+    (db,) = (moved / "studies").glob("*.db")
+    assert list(_study_trials(db).values()) == [2]  # the same study, not a second one
+
+
+def test_same_basename_other_budget_on_a_shared_storage_gets_its_own_studies(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    one = dict(tasks=["bc-mlp"], seeds=[0], starts=["default"], storage=storage)
+    a = run_comparison(
+        _config(tmp_path / "a" / "cmp", "static,optuna-tpe:2", **one), show_progress=False
+    )
+    b = run_comparison(
+        _config(tmp_path / "b" / "cmp", "static,optuna-tpe:2", budget_scale=0.5, **one),
+        show_progress=False,
+    )
+    assert a.ran == b.ran == 2
+    assert list(_study_trials(tmp_path / "shared.db").values()) == [2, 2]
+    rows = [r for r in _rows(tmp_path / "b" / "cmp" / "results.csv") if r["kind"] == "optuna"]
+    assert float(rows[0]["samples_ratio"]) == pytest.approx(2.0)  # its own 2 trials

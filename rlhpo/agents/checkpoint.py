@@ -4,8 +4,11 @@ Tensors (network weights, optimizer state tensors, torch RNG state as uint8) go
 in the safetensors body; everything else (optimizer hyperparameters, numpy and
 Python RNG states, timesteps, episodes, agent-specific JSON) goes in one JSON
 string in the file's metadata. The file is written to a temporary name, fsynced
-and renamed over the previous checkpoint, so a kill at any moment leaves either
-the old or the new checkpoint, never half of one.
+and renamed into place, so a kill at any moment leaves either the old or the new
+checkpoint, never half of one. The checkpoint it replaces is kept as the previous
+generation (``checkpoint.prev.safetensors``): a last checkpoint damaged later (a
+full disk, a bad copy) costs one checkpoint interval, with a warning, instead of
+the run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.safetensors"
+PREVIOUS = "checkpoint.prev.safetensors"
 _META_KEY = "rlhpo_checkpoint"
 FORMAT_VERSION = 1
 
@@ -91,29 +96,67 @@ def save_checkpoint(
     save_file(body, str(tmp), metadata={_META_KEY: header})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    if path.exists():
+        # Between these two renames only the previous generation exists; loading
+        # falls back to it, so a kill there loses nothing either.
+        os.replace(path, out / PREVIOUS)
     os.replace(tmp, path)
     return path
+
+
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of either generation."""
+    return any((Path(run_dir) / name).exists() for name in (CHECKPOINT, PREVIOUS))
 
 
 def load_checkpoint(
     run_dir: str | os.PathLike[str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read ``run_dir/checkpoint.safetensors`` back into (tensors, meta)."""
+    """Read the last checkpoint of ``run_dir`` back into (tensors, meta); if it is missing
+    or unreadable, the previous generation, with a warning."""
+    run_dir = Path(run_dir)
+    last, prev = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    if not last.is_file() and not prev.is_file():
+        raise CheckpointError(f"{last}: no checkpoint to resume from")
+    try:
+        return _read_checkpoint(last)
+    except CheckpointError as e:
+        if not prev.is_file():
+            raise
+        try:
+            loaded = _read_checkpoint(prev)
+        except CheckpointError as e_prev:
+            raise CheckpointError(f"{e}; the previous one too: {e_prev}") from None
+        reason = str(e) if last.exists() else f"{last} is missing"
+        warnings.warn(
+            f"{reason}; resuming from the previous checkpoint {prev.name} "
+            f"({loaded[1].get('timesteps', '?')} timesteps)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return loaded
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
-    path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint to resume from")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = (f.metadata() or {}).get(_META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).replace("\n", " ")
+        raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from e
     if header is None:
         raise CheckpointError(f"{path}: not an rlhpo checkpoint (no {_META_KEY} metadata)")
-    meta = json.loads(header)
-    if meta.get("format_version") != FORMAT_VERSION:
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        meta = meta if isinstance(meta, dict) else {}
         raise CheckpointError(
             f"{path}: checkpoint format_version {meta.get('format_version')!r}, "
             f"this rlhpo reads {FORMAT_VERSION}"
