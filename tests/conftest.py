@@ -5,8 +5,19 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 from rlhpo.tasks import load_suite  # noqa: E402
+
+# Property-based tests: a quick default run, a longer one in CI
+# (HYPOTHESIS_PROFILE=ci). The deadline is generous because 5 helpers share 2 cores;
+# what it catches is a hang or a runaway allocation, not a slow example.
+_FUZZ = dict(
+    deadline=5000, database=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
+)
+settings.register_profile("dev", max_examples=50, **_FUZZ)
+settings.register_profile("ci", max_examples=300, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")
