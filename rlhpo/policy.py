@@ -289,8 +289,12 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
                 f"got {_short(t['dtype'])}"
             )
     knobs = m.get("knobs", ["lr", "batch_size", "dropout"])
+    if isinstance(knobs, list):  # names, or objects with a name and more (bounds, ...)
+        knobs = [k.get("name") if isinstance(k, dict) else k for k in knobs]
     if not isinstance(knobs, list) or not all(isinstance(k, str) for k in knobs):
-        raise PolicyFileError(f"{where}: knobs must be a list of knob names, got {_short(knobs)}")
+        raise PolicyFileError(
+            f"{where}: knobs must be a list of knob names, got {_short(m.get('knobs'))}"
+        )
     freeze = m.get("freeze", [])
     if not isinstance(freeze, list) or not all(isinstance(k, str) and k in knobs for k in freeze):
         raise PolicyFileError(
@@ -382,8 +386,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     for k, shape in shapes.items():
         if want[k]["shape"] != shape:
             raise PolicyFileError(
-                f"{p}: the manifest gives tensor {k!r} shape {want[k]['shape']}; its "
-                f"architecture (hidden {arch['hidden']}) needs {shape}"
+                f"{p}: tensor {k!r} is {shape} in the manifest's architecture (hidden "
+                f"{arch['hidden']}), the manifest says {want[k]['shape']}"
             )
     values = sum(math.prod(s) for s in shapes.values())
     if values > MAX_WEIGHT_VALUES:
