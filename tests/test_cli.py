@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from rlhpo.cli import app
 from rlhpo.policy import PolicyNet, save_policy
 
-TINY = "envs/tiny.toml"
+TINY = "tiny"
 QUICK = ["--suite", TINY, "--seeds", "1", "--no-wandb", "--workers", "1"]
 
 

@@ -22,7 +22,7 @@ from rlhpo.cli import app
 from rlhpo.policy import Policy, PolicyFileError, PolicyNet, load_policy, save_policy
 from rlhpo.tasks import SpecError, Suite, load_suite
 
-TINY = Path("envs/tiny.toml")
+TINY = Path(__file__).resolve().parents[1] / "rlhpo" / "suites" / "tiny.toml"
 _names = itertools.count()
 
 scalars = st.one_of(

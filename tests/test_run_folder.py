@@ -72,13 +72,13 @@ def test_cli_train_and_compare_refuse_a_held_folder(held):
     folder, proc = held
     runner = CliRunner()
     for args in (
-        ["train", "--out", str(folder), "--suite", "envs/tiny.toml", "--no-wandb"],
+        ["train", "--out", str(folder), "--suite", "tiny", "--no-wandb"],
         [
             "compare",
             "--out",
             str(folder),
             "--suite",
-            "envs/tiny.toml",
+            "tiny",
             "--methods",
             "static",
             "--seeds",
