@@ -64,7 +64,9 @@ def test_truncated_and_mismatched_weights(saved):
     m = json.loads((path / "manifest.json").read_text())
     m["tensors"]["action_net.weight"]["shape"] = [11, 64]
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(PolicyFileError, match="tensor 'action_net.weight' is \\[11, 32\\].*says \\[11, 64\\]"):
+    with pytest.raises(
+        PolicyFileError, match="tensor 'action_net.weight' is \\[11, 32\\].*says \\[11, 64\\]"
+    ):
         load_policy(path)
     # A manifest that agrees with its architecture but not with the weights file.
     save_policy(path, PolicyNet(hidden=(32,)))
