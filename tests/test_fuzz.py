@@ -62,8 +62,12 @@ def _toml_value(v) -> str:
 
 def _toml(doc: dict) -> str:
     """A TOML document (no writer ships with the standard library)."""
-    top = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in doc.items() if k != "tasks"]
-    for name, task in (doc.get("tasks") or {}).items():
+    tasks = doc.get("tasks")
+    nested = isinstance(tasks, dict)
+    top = [
+        f"{json.dumps(k)} = {_toml_value(v)}" for k, v in doc.items() if k != "tasks" or not nested
+    ]
+    for name, task in (tasks if nested else {}).items():
         if isinstance(task, dict):
             top.append(f"[tasks.{json.dumps(name)}]")
             top += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in task.items()]
