@@ -29,7 +29,6 @@ def bad(tmp_path_factory):
 CASES = {
     "demo --seeds 0": (["demo", "--seeds", "0"], "--seeds must be >= 1, got 0"),
     "demo --trials 0": (["demo", "--trials", "0"], "--trials must be >= 1, got 0"),
-    "demo --task nosuch": (["demo", "--task", "nosuch"], "got 'nosuch'"),
     "demo --out FILE": (["demo", "--out", "{root}/FILE"], "FILE is a file"),
     "compare --out FILE": (
         ["compare", "--out", "{root}/FILE", "--methods", "static", *QUICK],
