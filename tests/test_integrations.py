@@ -63,8 +63,11 @@ def test_gradient_accumulation_waits_for_alignment():
     assert GradientAccumulation(32).request(16) == 32  # cannot go below one micro-batch
 
 
-def test_hf_callback_changes_lr_batch_and_dropout(tmp_path):
+def test_hf_callback_changes_lr_batch_and_dropout(tmp_path, monkeypatch):
+    import wandb
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from tests.wandb_offline import offline_runs, read_run
 
     from rlhpo.integrations.hf import RLHPOCallback
 
@@ -83,6 +86,10 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path):
             self.epochs[-1][2] += 1
             self.lrs.append((state.global_step, get_learning_rate(optimizer)))
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_PROJECT", "rlhpo-test")
+    (tmp_path / "wb").mkdir()
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=16,
@@ -90,12 +97,13 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path):
         num_train_epochs=3,
         learning_rate=1e-3,
         lr_scheduler_type="linear",
+        warmup_steps=3,  # factor 0 at the start: the callback must not start there
         eval_strategy="epoch",
         eval_on_start=True,  # the untrained model's evaluation: Controller.start()
         logging_strategy="epoch",
         save_strategy="no",
         use_cpu=True,
-        report_to="none",
+        report_to="wandb",
         disable_tqdm=True,
         seed=0,
     )
@@ -119,11 +127,14 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path):
     # Dropout: 0.1 -> 0.2 -> 0.3 -> 0.4 in every dropout module and in the config.
     assert [e[1] for e in probe.epochs] == [[0.2], [pytest.approx(0.3)], [pytest.approx(0.4)]]
     assert trainer.model.config.hidden_dropout_prob == pytest.approx(0.4)  # none at the end
-    # LR: doubled at each evaluation, and the linear schedule (sized for 45 steps at
-    # accumulation 1) keeps applying to the new level at every later step.
+    # LR: doubled at each evaluation, and the optimizer uses exactly the policy's lr at
+    # every step: the Trainer's warm-up + linear schedule (sized for 45 steps at
+    # accumulation 1) no longer scales it.
+    policy_lr = {0: cb.decisions[0].lr, 4: cb.decisions[1].lr, 6: cb.decisions[2].lr}
+    assert [dd.lr for dd in cb.decisions[:3]] == pytest.approx([2e-3, 4e-3, 8e-3], rel=1e-12)
     for step, lr in probe.lrs:
-        base = 1e-3 * (2 if step <= 4 else 4 if step <= 6 else 8)
-        assert lr == pytest.approx(base * (45 - step) / 45, rel=1e-6), step
+        decided_at = max(s for s in policy_lr if s < step)
+        assert lr == policy_lr[decided_at], (step, lr, policy_lr[decided_at])
     assert [step for step, _ in probe.lrs] == list(range(1, 8))
     assert [dd.batch_size for dd in cb.decisions] == [64, 128, 256, 256]
     assert cb.decisions[-1].done
@@ -137,6 +148,17 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path):
     logged = [h for h in trainer.state.log_history if "hp/batch_size" in h]
     assert [h["hp/batch_size"] for h in logged] == [64.0, 128.0, 256.0, 256.0]
     assert [h["hp/accumulation"] for h in logged] == [4.0, 8.0, 16.0, 16.0]
+    # The W&B run (offline) has the real starting batch and accumulation in its config
+    # (the Trainer itself runs at accumulation 1) and the hp under train/hp/*.
+    wandb.finish()  # the Trainer leaves its run open: flush it
+    (run_dir,) = offline_runs(tmp_path / "wb")
+    run = read_run(run_dir)
+    assert run.config["gradient_accumulation_steps"] == 2
+    assert run.config["rlhpo/effective_batch_size"] == 32
+    assert run.config["rlhpo/micro_batch"] == 16
+    assert run.series("train/hp/batch_size") == [64.0, 128.0, 256.0, 256.0]
+    assert run.series("train/hp/accumulation") == [4.0, 8.0, 16.0, 16.0]
+    assert run.series("train/hp/lr") == pytest.approx([2e-3, 4e-3, 8e-3, 8e-3], rel=1e-12)
 
 
 def test_hf_callback_names_missing_metric(tmp_path):

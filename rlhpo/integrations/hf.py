@@ -13,9 +13,13 @@ At each evaluation during training the callback reports ``eval_loss``, the
 evaluation score (``eval_accuracy`` or ``eval_r2``) and the training loss logged
 since the last one, and applies the policy's decision:
 
-- **learning rate**: every param group, and the Trainer's LR scheduler's
-  ``base_lrs`` scaled alike, so the change survives the scheduler's next step
-  (the schedule keeps its shape, its level moves);
+- **learning rate**: every param group. The policy owns the lr, so the callback
+  takes over the Trainer's LR scheduler when training starts: its factor becomes
+  a constant 1 (warm-up and decay of ``lr_scheduler_type`` no longer apply) and
+  the optimizer uses exactly the lr the policy chose at every step. The
+  Trainer sizes its schedule for accumulation 1 (see below), so left alone a
+  linear schedule would keep scaling the policy's lr down by a factor the policy
+  never sees (0.744x at the end of a run whose batch the policy had raised);
 - **dropout**: ``p`` of every dropout module and the model config's dropout fields;
 - **batch size**: ``args.gradient_accumulation_steps`` = batch / micro-batch,
   where the micro-batch is ``per_device_train_batch_size`` (x processes).
@@ -34,8 +38,8 @@ the most steps any batch size can take, and sets the starting batch from
 ``batch_size`` (or from the accumulation you configured, which it moves into
 ``batch_size`` in :meth:`attach`). Consequences: every epoch uses all its
 data whatever the policy does, and a linear or cosine schedule is sized for
-accumulation 1, so it does not reach its end when batches are larger; the policy
-moves the lr level itself, and ``lr_scheduler_type="constant"`` avoids the issue.
+accumulation 1, so it would not reach its end when batches are larger: one more
+reason why the callback replaces the schedule by the policy's lr.
 Samples are counted by the callback; training stops when ``budget_samples`` are
 used (default: the Trainer's epochs x the training set).
 
@@ -51,6 +55,15 @@ Use it through :meth:`RLHPOCallback.attach`: it needs the Trainer to do that
 check and to log the applied hyperparameters (``hp/lr``, ``hp/batch_size``,
 ``hp/dropout``, ``hp/rollback``, ``hp/accumulation``) through ``trainer.log``, so
 they reach every logger the Trainer reports to (W&B, TensorBoard, ...).
+
+In W&B, the Trainer's ``WandbCallback`` prefixes every logged key that is not an
+evaluation metric with ``train/``, so these appear as ``train/hp/lr``,
+``train/hp/batch_size``, ... on the ``train/global_step`` axis (the same values as
+``hp/*`` in ``trainer.state.log_history``). Because the Trainer itself runs at
+accumulation 1, the callback also corrects the W&B run's config when training
+starts: ``gradient_accumulation_steps`` becomes the real starting accumulation and
+``rlhpo/effective_batch_size`` the real starting batch (later changes are in
+``train/hp/batch_size`` and ``train/hp/accumulation``).
 """
 
 from __future__ import annotations
@@ -211,6 +224,8 @@ class RLHPOCallback(TrainerCallback):
         scheduler = kwargs.get("lr_scheduler")
         if scheduler is not None and not hasattr(scheduler, "base_lrs"):
             scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+        if scheduler is not None and optimizer is not None:
+            _hold_schedule(scheduler, optimizer, args.lr_scheduler_type)
         self._accum = GradientAccumulation(micro)
         self.samples, self._losses, self._seen_in_epoch = 0, [], 0
         self.decisions = []
@@ -228,6 +243,14 @@ class RLHPOCallback(TrainerCallback):
         )
         self._set_steps(args, self._accum.ready())
         self._training = True
+        _wandb_config(
+            {
+                "gradient_accumulation_steps": self._accum.batch_size // micro,
+                "rlhpo/effective_batch_size": self._accum.batch_size,
+                "rlhpo/micro_batch": micro,
+                "rlhpo/budget_samples": int(budget),
+            }
+        )
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self._accum is not None:
@@ -309,6 +332,47 @@ class RLHPOCallback(TrainerCallback):
             " (rolled back)" if d.rolled_back else "",
         )
         self._trainer.log(dict(logs))
+
+
+def _constant_factor(step: int) -> float:
+    """The LR factor of a schedule the policy has taken over (a module-level function,
+    so that LambdaLR's state_dict stays picklable)."""
+    return 1.0
+
+
+def _hold_schedule(scheduler: Any, optimizer: Any, kind: Any) -> None:
+    """Make the Trainer's LR scheduler a constant factor 1 from the configured lr, so
+    that the lr in the optimizer is the policy's own at every step."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:  # a user's own scheduler: keep it, scale its base values
+        log.warning(
+            "RLHPOCallback: the LR scheduler %s is not a LambdaLR; the policy's lr moves its "
+            "base values, and the schedule still scales the lr between decisions",
+            type(scheduler).__name__,
+        )
+        return
+    kind = getattr(kind, "value", kind)
+    if kind not in (None, "constant"):
+        log.info(
+            "RLHPOCallback: the policy sets the lr; the Trainer's %r schedule is replaced by a "
+            "constant factor 1",
+            kind,
+        )
+    scheduler.lr_lambdas = [_constant_factor] * len(lambdas)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = float(base)  # a warm-up starts at factor 0: begin at the configured lr
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def _wandb_config(values: dict[str, Any]) -> None:
+    """Update the config of the live W&B run, if there is one (the Trainer's W&B
+    callback starts it before this callback's on_train_begin)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # only if something already uses it
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None:
+        run.config.update(values, allow_val_change=True)
 
 
 def _loss_ignores_num_items(trainer: Any) -> bool | None:
