@@ -292,4 +292,8 @@ def test_lightning_callback_changes_lr_batch_and_dropout(tmp_path, caplog):
     rows = list(csv.DictReader(open(trainer.logger.log_dir + "/metrics.csv")))
     logged = [float(r["hp/batch_size"]) for r in rows if r.get("hp/batch_size")]
     assert logged == [32.0, 64.0, 64.0]
+    # ... on the steps of the validation metrics the decisions answered.
+    hp_steps = [int(r["step"]) for r in rows if r.get("hp/batch_size")]
+    val_steps = [int(r["step"]) for r in rows if r.get("val_loss")]
+    assert hp_steps == val_steps == [19, 29, 34]
     assert "rlhpo: epoch" in caplog.text

@@ -23,7 +23,8 @@ applies the policy's decision:
 Samples are counted by the callback; training stops when ``budget_samples`` are
 used (default: ``max_epochs`` x the training set). The applied hyperparameters
 (``hp/lr``, ``hp/batch_size``, ``hp/dropout``, ``hp/rollback``, ``hp/accumulation``)
-go to every logger of the trainer (``trainer.loggers``: W&B, CSV, TensorBoard, ...).
+go to every logger of the trainer (``trainer.loggers``: W&B, CSV, TensorBoard, ...),
+on the same step as the validation metrics they answer.
 """
 
 from __future__ import annotations
@@ -185,8 +186,12 @@ class RLHPOCallback(pl.Callback):
             **d.as_log(),
             "hp/accumulation": float(self._accum.batch_size // self._accum.micro_batch),
         }
+        # Lightning logs the validation metrics at the count of batches that stepped,
+        # which is one behind global_step when validation runs inside an epoch's last
+        # step; the same step puts hp/* beside val_* in every logger.
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         for logger in trainer.loggers:
-            logger.log_metrics(logs, step=trainer.global_step)
+            logger.log_metrics(logs, step=int(step))
         log.info(
             "rlhpo: epoch %d, %d samples: lr %.3g, batch %d, dropout %.2f%s",
             trainer.current_epoch,
