@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,lightning,ray,stats]'
+	$(BIN)/python -m pip install -q -e '.[dev,lightning,ray,postgres]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -29,9 +29,12 @@ console = Console(width=None if sys.stdout.isatty() else 130)
 
 
 def _fail(msg: str) -> None:
-    # One line, never wrapped, so scripts can grep it.
+    from rich.markup import escape
+
+    # One line, never wrapped, so scripts can grep it; escaped, since messages quote
+    # install commands such as 'rlhpo[postgres]'.
     msg = str(msg).replace("\n", " ")
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

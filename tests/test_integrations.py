@@ -67,9 +67,8 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path, monkeypatch):
     import wandb
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from tests.wandb_offline import offline_runs, read_run
-
     from rlhpo.integrations.hf import RLHPOCallback
+    from tests.wandb_offline import offline_runs, read_run
 
     d = load_data("sequences", {"n_samples": 400})
     train, val = _TokenSet(d.x_train, d.y_train), _TokenSet(d.x_val, d.y_val)

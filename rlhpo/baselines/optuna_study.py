@@ -18,6 +18,8 @@ trial's hyperparameters (not its number), the sampler is reseeded from the cell'
 seed and the count of finished trials before each trial (a new process would
 otherwise restart its random stream), and a trial left RUNNING by a killed process
 is run again in place, with the hyperparameters it already drew and its number.
+A shared storage is checked and given its schema once by :func:`prepare_storage`
+before workers open it.
 """
 
 from __future__ import annotations
@@ -149,6 +151,77 @@ def open_storage(url: str):
     sqlalchemy.event.listen(store.engine, "connect", on_connect)
     store.engine.dispose()  # reconnect with the pragmas
     return store
+
+
+class StorageError(ValueError):
+    """An Optuna storage URL that cannot be used: bad URL, missing driver, no server."""
+
+
+# The driver each SQLAlchemy dialect loads by default, and how to install it.
+_DRIVER_HINTS = {
+    "postgresql": "pip install 'rlhpo[postgres]' (psycopg 3, SQLAlchemy's default driver)",
+    "mysql": "pip install pymysql  and use mysql+pymysql://...",
+}
+
+
+def prepare_storage(url: str, timeout_s: float = 5.0) -> str:
+    """Check an Optuna RDB URL up front and create Optuna's schema in it once.
+
+    Checks, each with a one-line :class:`StorageError`: the URL parses, its database
+    driver imports (with the install command when not), the server answers within
+    ``timeout_s`` seconds. Then opens it as an Optuna storage, which creates the
+    tables (and on PostgreSQL the ``studydirection`` enum type). Doing that here,
+    before any worker starts, matters: workers that all find a fresh database empty
+    race on ``CREATE TYPE`` and all but one fail. Returns the URL with its password
+    hidden, for messages.
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises several kinds
+        raise StorageError(
+            f"--storage must be an SQLAlchemy database URL such as "
+            f"postgresql://user:pw@host/db or sqlite:///path.db, got {url!r} ({e})"
+        ) from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except Exception as e:  # noqa: BLE001 - unknown dialect name
+        raise StorageError(f"--storage {shown}: unknown database kind ({e})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        family = parsed.get_backend_name()
+        hint = _DRIVER_HINTS.get(family, f"install the {parsed.drivername} driver")
+        raise StorageError(
+            f"--storage {shown}: its database driver does not import ({e}); {hint}"
+        ) from None
+    connect_args: dict[str, Any] = {}
+    backend = parsed.get_backend_name()
+    if backend in ("postgresql", "mysql"):
+        connect_args["connect_timeout"] = max(1, math.ceil(timeout_s))
+    elif backend == "sqlite":
+        connect_args["timeout"] = 60
+    engine = sqlalchemy.create_engine(parsed, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as e:  # noqa: BLE001 - driver errors have no common base
+        first = str(getattr(e, "orig", e)).strip().splitlines()
+        raise StorageError(
+            f"--storage {shown}: cannot connect within {timeout_s:g} s: "
+            f"{first[0] if first else type(e).__name__}"
+        ) from None
+    finally:
+        engine.dispose()
+    try:
+        store = open_storage(url)
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"--storage {shown}: cannot create Optuna's tables: {e}") from None
+    store.engine.dispose()
+    return shown
 
 
 def run_study(

@@ -376,6 +376,13 @@ def _prepare(cfg: CompareConfig) -> tuple[Any, list[TaskSpec], list[Method]]:
     if cfg.budget_scale != 1.0:
         specs = [s.scaled(cfg.budget_scale) for s in specs]
     methods = [resolve(m, suite.name, specs) for m in cfg.methods]
+    if cfg.storage:
+        from rlhpo.baselines.optuna_study import StorageError, prepare_storage
+
+        try:  # before any cell: a bad URL, driver or server is one line, not N failed cells
+            prepare_storage(cfg.storage)
+        except StorageError as e:
+            raise CompareError(str(e)) from None
     return suite, specs, methods
 
 
