@@ -213,6 +213,7 @@ def apply_policy(
         )
         result.files["trace"] = write_trace(rows, out / "trace.csv")
         result.files["plot"] = plot_trace(rows, out / "curves.png", title=_title(result, spec))
+        tracker.log_images({"curves": result.files["plot"]})
         tracker.summary(
             {
                 "final/val_score": result.final.val_score,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,66 @@ class Tracker:
             if flat:
                 self.run.log(flat, step=step)
 
+    def log_images(self, images: dict[str, str | os.PathLike[str]]) -> None:
+        """Log PNG files as W&B images under their names (JSONL gets the paths)."""
+        images = {k: Path(v) for k, v in images.items() if Path(v).is_file()}
+        if not images:
+            return
+        self.log({"event": "images", **{k: str(v) for k, v in images.items()}})
+        if self.run is not None:
+            import wandb
+
+            self.run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log a table as a W&B Table (JSONL gets the rows)."""
+        self.log({"event": "table", "name": name, "columns": columns, "rows": rows})
+        if self.run is not None:
+            import wandb
+
+            data = [[_clean(v) for v in r] for r in rows]
+            self.run.log({name: wandb.Table(columns=list(columns), data=data)})
+
+    def log_policy(self, policy_dir: str | os.PathLike[str]) -> dict[str, Any]:
+        """Log a saved policy as a W&B Artifact (type ``policy``: its manifest, weights
+        and card) and put its manifest, card and weights sha256 in the run config.
+        Returns those three."""
+        import hashlib
+
+        from rlhpo.policy import MANIFEST, WEIGHTS
+
+        folder = Path(policy_dir)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        digest = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+        card_file = folder / "README.md"
+        card = card_file.read_text() if card_file.is_file() else policy_card(manifest, digest)
+        info = {"policy/manifest": manifest, "policy/card": card, "policy/sha256": digest}
+        self.log({"event": "policy", "dir": str(folder), "sha256": digest})
+        if self.run is not None:
+            import wandb
+
+            self.run.config.update(info, allow_val_change=True)
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"policy-{self.run.name or self.run.id}")
+            art = wandb.Artifact(
+                name,
+                type="policy",
+                description=card,
+                metadata={"sha256": digest, **_clean(manifest)},
+            )
+            art.add_file(str(folder / MANIFEST), name=MANIFEST)
+            art.add_file(str(folder / WEIGHTS), name=WEIGHTS)
+            if card_file.is_file():
+                art.add_file(str(card_file), name="README.md")
+            else:
+                with art.new_file("README.md") as f:
+                    f.write(card)
+            self.run.log_artifact(art)
+        return info
+
     def summary(self, data: dict[str, Any]) -> None:
-        self.log({"event": "summary", **data})
+        """Final values: the W&B run's summary (not a history row) and a JSONL record."""
+        rec = {"time": time.time(), "event": "summary", **data}
+        self._jsonl.write(json.dumps(_clean(rec)) + "\n")
         if self.run is not None:
             for k, v in data.items():
                 self.run.summary[k] = v
@@ -99,6 +158,16 @@ class Tracker:
 
     def __exit__(self, *exc: Any) -> None:
         self.finish()
+
+
+def policy_card(manifest: dict[str, Any], sha256: str) -> str:
+    """A short card for a policy that has no README.md: what it is and how it was made."""
+    lines = [f"# rlhpo policy ({manifest.get('agent', 'unknown agent')})", ""]
+    for key in ("suite", "split", "timesteps", "seed", "mean_return", "freeze", "command"):
+        if key in manifest:
+            lines.append(f"- {key}: {manifest[key]}")
+    lines.append(f"- weights sha256: {sha256}")
+    return "\n".join(lines) + "\n"
 
 
 def _clean(v: Any) -> Any:

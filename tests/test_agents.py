@@ -149,6 +149,20 @@ def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
             break
         time.sleep(0.5)
     assert [k for k in want if k not in blob] == []
+    # The trained policy is a W&B Artifact, its manifest, card and sha256 in the config.
+    import hashlib
+
+    from tests.wandb_offline import read_run
+
+    run = read_run(runs[0])
+    digest = hashlib.sha256((out / "policy" / "policy.safetensors").read_bytes()).hexdigest()
+    assert run.config["policy/sha256"] == digest
+    assert run.config["policy/manifest"]["timesteps"] == m["timesteps"]
+    assert digest in run.config["policy/card"] and "ppo" in run.config["policy/card"]
+    (art,) = run.artifacts
+    assert art.type == "policy" and json.loads(art.metadata)["sha256"] == digest
+    names = {e.path for e in art.manifest.contents}
+    assert names == {"manifest.json", "policy.safetensors", "README.md"}
 
 
 def test_no_wandb_writes_only_jsonl(tmp_path):

@@ -89,6 +89,7 @@ def test_hf_callback_changes_lr_batch_and_dropout(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_PROJECT", "rlhpo-test")
     (tmp_path / "wb").mkdir()
+    wandb.teardown()  # W&B keeps the settings of its first use; make it read this env
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=16,

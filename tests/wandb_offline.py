@@ -65,8 +65,17 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
 
-def _key(item) -> str:
-    return "/".join(item.nested_key) if item.nested_key else item.key
+def _items(items) -> dict[str, Any]:
+    """Items as a dict; W&B splits dict values (images, tables) into nested keys,
+    which are put back together here."""
+    out: dict[str, Any] = {}
+    for i in items:
+        path = list(i.nested_key) or [i.key]
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = json.loads(i.value_json)
+    return out
 
 
 def read_run(run_dir: Path, wait_s: float = 20.0) -> OfflineRun:
@@ -85,16 +94,13 @@ def read_run(run_dir: Path, wait_s: float = 20.0) -> OfflineRun:
     for rec in recs:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            run.history.append({_key(i): json.loads(i.value_json) for i in rec.history.item})
+            run.history.append(_items(rec.history.item))
         elif kind == "config":
-            for i in rec.config.update:
-                run.config[_key(i)] = json.loads(i.value_json)
+            run.config.update(_items(rec.config.update))
         elif kind == "summary":
-            for i in rec.summary.update:
-                run.summary[_key(i)] = json.loads(i.value_json)
+            run.summary.update(_items(rec.summary.update))
         elif kind == "run":
-            for i in rec.run.config.update:
-                run.config[_key(i)] = json.loads(i.value_json)
+            run.config.update(_items(rec.run.config.update))
         elif kind == "artifact":
             run.artifacts.append(rec.artifact)
         elif kind == "files":

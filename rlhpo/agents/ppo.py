@@ -400,6 +400,7 @@ def train_ppo(
             "recipe": settings_dict(settings),
         }
         save_policy(out / "policy", net, **info)
+        tracker.log_policy(out / "policy")
         tracker.summary(
             {
                 "agent/mean_return": run.tracer.mean_return,

@@ -292,6 +292,7 @@ def train_reinforce(
             "recipe": settings_dict(s),
         }
         save_policy(out / "policy", net, **info)
+        tracker.log_policy(out / "policy")
         tracker.summary(
             {
                 "agent/mean_return": tracer.mean_return,

@@ -439,15 +439,42 @@ def _method_notes(rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def summary_table(report: Report) -> tuple[list[str], list[list[Any]]]:
+    """The summary as plain columns and rows (numbers, not text), e.g. for a W&B Table.
+    ``norm_*`` columns are normalised test scores (chance 0, best 1); ``raw_*`` are
+    the tasks' own metric (accuracy or R^2)."""
+    cols = ["method", "start", "norm_test_iqm", "norm_test_iqm_lo", "norm_test_iqm_hi"]
+    cols += ["p_improve_over_static", "mean_rank", "samples_ratio", "compute_ratio"]
+    cols += [f"raw_test_median/{task}" for task in report.tasks]
+    rows = []
+    for e in report.entries:
+        med = []
+        for task in report.tasks:
+            v = [x for x in e.raw_by_task.get(task, []) if math.isfinite(x)]
+            med.append(float(np.median(v)) if v else None)
+        poi = None if (e.method, e.start) == REFERENCE else e.poi[0]
+        rows.append(
+            [e.method, e.start, *e.iqm, poi, e.mean_rank, e.samples_ratio, e.compute_ratio, *med]
+        )
+    return cols, rows
+
+
 def console_table(report: Report, title: str = "comparison"):
     """The summary as a rich table for the terminal."""
     from rich.table import Table
 
-    t = Table(title=title)
-    for col in ("method", "start", "IQM [95% CI]", "P(> static)", "rank", "samples", "wall x"):
+    metrics = sorted(set(report.metrics.values())) or ["score"]
+    t = Table(
+        title=title,
+        caption=(
+            "IQM and P(> static): normalised test score (chance = 0, perfect = 1); "
+            f"task columns: raw test {'/'.join(metrics)}, median over seeds"
+        ),
+    )
+    for col in ("method", "start", "IQM norm [95% CI]", "P(> static)", "rank", "samples", "wall x"):
         t.add_column(col, justify="left" if col in ("method", "start") else "right")
     for col in report.tasks:
-        t.add_column(f"{col} (median)", justify="right")
+        t.add_column(f"{col} raw (median)", justify="right")
     for e in report.entries:
         med = []
         for task in report.tasks:

@@ -704,6 +704,8 @@ def _run_held(cfg: CompareConfig, prepared, t_start: float, console, show_progre
     keys = {c.key for c in cells}
     rows = [r for r in logs["results"].read()[0] if row_key(r) in keys]
     report = write_report(cfg, specs, methods, rows, meta, plots=cfg.plots)
+    if cfg.use_wandb and report.entries:
+        _log_summary_run(cfg, report)
     return CompareResult(
         out=cfg.out,
         ran=ran,
@@ -735,6 +737,25 @@ def _run_in_driver(cells: list[Cell], cfg: CompareConfig, finish) -> None:
                     finish(c, execute_cell(c), None)
                 except Exception as e:  # noqa: BLE001
                     finish(c, None, e)
+
+
+def _log_summary_run(cfg: CompareConfig, report: Any) -> None:
+    """One W&B run per comparison session, beside the cells' runs in their group: the
+    summary as a W&B Table and the plots as W&B images."""
+    from rlhpo.compare.report import summary_table
+    from rlhpo.tracking import Tracker
+
+    comparison = cfg.out.resolve().name
+    with Tracker(
+        cfg.out / "runs" / "summary",
+        config={"comparison": comparison, "command": cfg.command, "suite": cfg.suite},
+        group=comparison,
+        name=f"{comparison}-summary",
+        job_type="summary",
+    ) as tr:
+        columns, rows = summary_table(report)
+        tr.log_table("summary", columns, rows)
+        tr.log_images({f"plots/{p.stem}": p for p in report.plots})
 
 
 def _cost_guess(cell: Cell) -> float:

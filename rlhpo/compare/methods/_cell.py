@@ -181,3 +181,9 @@ def _log(cell: Cell, output: CellOutput) -> None:
         for t in output.trials:
             tr.log({f"trial/{k}": v for k, v in t.items() if k not in ("method", "task", "seed")})
         tr.summary({k: v for k, v in output.row.items() if k != "detail"})
+        chosen = json.loads(output.row["detail"]).get("chosen_trial")
+        for t in output.trials:
+            if t["trial"] == chosen:  # the summary of trial/* shows the pick, not the last trial
+                tr.summary(
+                    {f"trial/{k}": v for k, v in t.items() if k not in ("method", "task", "seed")}
+                )
