@@ -300,7 +300,15 @@ class _Ray:
     def __init__(self, workers: int, address: str | None) -> None:
         from rlhpo.baselines.pbt import ensure_ray
 
-        self.started = ensure_ray(num_cpus=workers, address=address)
+        try:
+            self.started = ensure_ray(num_cpus=workers, address=address)
+        except ConnectionError as e:
+            raise CompareError(
+                f"--address {address}: cannot connect to the Ray cluster ({e}); a cluster "
+                "started with `ray start --head` uses token auth (Ray 2.60): set "
+                "RAY_AUTH_MODE=token in this shell (the token is read from ~/.ray/auth_token "
+                "or RAY_AUTH_TOKEN)"
+            ) from None
         import ray
 
         self.ray = ray
