@@ -81,7 +81,7 @@ def test_compare_on_a_ray_cluster(tmp_path, ray_cluster):
     cmd = [sys.executable, "-m", "rlhpo.cli", "compare", "--out", str(out), "--suite", TINY]
     cmd += ["--methods", "static,optuna-random:2", "--tasks", "bc-mlp", "--seeds", "2"]
     cmd += ["--starts", "default", "--executor", "ray", "--address", ray_cluster]
-    cmd += ["--workers", "2", "--no-wandb", "--bootstrap-reps", "50"]
+    cmd += ["--workers", "2", "--no-wandb", "--bootstrap-reps", "100"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=480)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 cells run, 0 already done, 0 failed" in proc.stdout

@@ -36,7 +36,7 @@ def _config(out: Path, storage: str, **kw) -> CompareConfig:
         workers=2,
         storage=storage,
         use_wandb=False,
-        bootstrap_reps=50,
+        bootstrap_reps=100,
         plots=False,
     )
     base.update(kw)
