@@ -2,7 +2,8 @@
 
 Random actions on the default suite's train split (random starts, full budget),
 the same seeds for both kinds, repetitions interleaved. Subprocess workers use
-one torch thread (HPOEnv calls limit_threads()).
+one torch thread (make_vec_env's subprocess workers call limit_threads(); this
+script calls it for its own process).
 
     python experiments/agent_vec_env_speed.py --steps 400 --repeats 2
 """
@@ -21,8 +22,10 @@ def measure(kind: str, n_envs: int, steps: int, seed: int) -> float:
     import numpy as np
 
     from rlhpo.agents.envs import make_vec_env
+    from rlhpo.runtime import limit_threads
 
-    venv = make_vec_env(suite="default-v1", split="train", n_envs=n_envs, seed=seed, vec_env=kind)
+    limit_threads()  # the script's process, as the CLI does for its own
+    venv = make_vec_env(suite="default-v1", split="train", n_envs=n_envs, seed=seed, backend=kind)
     rng = np.random.default_rng(seed)
     venv.reset()
     t0 = time.perf_counter()

@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-STARTS = ("default", "random", "low-lr")
+from rlhpo.starts import NAMED_STARTS, START_DRAWN
+
+#: Named starts (rlhpo.starts) and the start drawn from the task's distribution.
+STARTS = (*NAMED_STARTS, START_DRAWN)
 
 TRACE_FIELDS = (
     "interval",
@@ -115,11 +118,7 @@ def apply_policy(
     out = Path(out_dir) if out_dir is not None else _default_out(task, seed)
     if (out / "trace.csv").exists():
         raise FileExistsError(f"{out} already holds a trace.csv; choose another --out")
-    options: dict[str, Any] = {"task": task}
-    if start == "default":
-        options["start"] = "default"
-    elif start == "low-lr":
-        options["hp"] = {"lr": spec.start.lr[0]}
+    options: dict[str, Any] = {"task": task, "start": start}
     env.reset(seed=seed, options=options)  # builds the run exactly as an episode starts
     tr = env.trainee
     ctl = Controller.for_trainee(

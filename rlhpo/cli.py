@@ -591,6 +591,11 @@ def apply_cmd(
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    from rlhpo.runtime import limit_threads
+
+    # The process is rlhpo's own here: one torch thread (see rlhpo.runtime); library
+    # calls leave the user's thread setting alone.
+    limit_threads()
     app()
 
 

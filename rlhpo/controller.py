@@ -7,11 +7,16 @@ for an action, decodes it with the same :class:`~rlhpo.actions.ActionCodec`, and
 applies the new learning rate (optimizer and LR scheduler), dropout (every dropout
 module) and batch size (a batch sampler it provides, or a setter you give it).
 
-Independently of the policy, a non-finite or exploding loss rolls the run back to
-the last good interval and lowers the learning rate.
+Independently of the policy, a divergence (:class:`rlhpo.safety.DivergenceRule`:
+a non-finite or exploding training or validation loss) rolls the run back to the
+last good interval and lowers the learning rate. With ``collapse=True``
+(:class:`rlhpo.safety.CollapseRule`), a validation score that falls far below its
+best (measured in units of its own noise) restores the best state and caps the
+learning rate at half the one that produced it.
 
     ctl = Controller.load("default", optimizer=opt, model=model,
-                          budget_samples=30 * len(train_set), n_classes=10)
+                          budget_samples=30 * len(train_set), n_classes=10,
+                          batch_size=64)  # or loader=your_loader: its batch size
     loader = ctl.loader(train_set)            # its batch size follows the policy
     ctl.start(val_loss=..., val_score=...)    # optional: the untrained model's evaluation
     ...
@@ -33,16 +38,10 @@ import torch
 from torch import nn
 
 from rlhpo.actions import ActionCodec
-from rlhpo.knobs import (
-    KNOBS,
-    SearchSpace,
-    get_dropout,
-    get_learning_rate,
-    set_dropout,
-    set_learning_rate,
-)
+from rlhpo.knobs import BATCH_SIZE, DROPOUT, LR, LiveRun, SearchSpace, get_learning_rate
 from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
 from rlhpo.policy import Policy, load_policy
+from rlhpo.safety import EXPLODE_FACTOR, CollapseRule, DivergenceRule
 
 log = logging.getLogger("rlhpo.controller")
 
@@ -76,19 +75,20 @@ class Decision:
 
     @property
     def lr(self) -> float:
-        return float(self.hp["lr"])
+        return float(self.hp[LR.name])
 
     @property
     def batch_size(self) -> int:
-        return int(self.hp["batch_size"])
+        return int(self.hp[BATCH_SIZE.name])
 
     @property
     def dropout(self) -> float:
-        return float(self.hp["dropout"])
+        return float(self.hp[DROPOUT.name])
 
     def as_log(self, prefix: str = "hp/") -> dict[str, float]:
-        """Flat numbers for a logger: ``hp/lr``, ``hp/batch_size``, ``hp/dropout``, ``hp/rollback``."""
-        out = {f"{prefix}{k}": float(self.hp[k]) for k in KNOBS}
+        """Flat numbers for a logger: ``hp/lr``, ``hp/batch_size``, ``hp/dropout`` (and
+        any other knob), ``hp/rollback``."""
+        out = {f"{prefix}{k}": float(v) for k, v in self.hp.items()}
         out[f"{prefix}rollback"] = float(self.rolled_back)
         return out
 
@@ -223,16 +223,23 @@ class Controller:
         n_classes: number of classes (accuracy only: chance-normalises the score).
         scheduler: the run's LR scheduler, if any: an lr change scales its base
             values so that it survives the scheduler's next step.
-        batch_size: the starting batch size (clipped to the space).
+        batch_size: the starting batch size (clipped to the space). Required
+            unless ``loader`` is given.
+        loader: the run's ``DataLoader``: its batch size is the starting one.
         set_batch_size: optional ``f(batch_size) -> applied batch size or None``
             for runs whose batches the controller's own loader does not draw.
         deterministic: take the policy's most likely action (default) or sample.
         freeze: knobs the policy may not change (default: the policy file's).
         rollback: keep a copy of model and optimizer state at each good interval
             and go back to it on divergence (off saves memory on large models).
-        explode_factor: a training loss above this x the reference loss (the
-            first evaluation's loss) counts as divergence, as in the environment.
+        explode_factor: a training or validation loss above this x the reference
+            loss (the first evaluation's loss) counts as divergence, as in the env.
         lr_backoff: the learning rate is multiplied by this after a rollback.
+        collapse: watch for collapse (off by default): ``True`` for the default
+            :class:`~rlhpo.safety.CollapseRule`, or a rule (its ``k``). On a
+            collapse the best state is restored and the lr capped.
+        n_val: validation samples behind ``val_score`` (scales the collapse
+            rule's noise; without it the spread seen so far is used).
         apply: False computes decisions without changing anything (for measuring).
         seed: seeds action sampling when ``deterministic`` is False.
     """
@@ -248,13 +255,16 @@ class Controller:
         metric: str = "accuracy",
         n_classes: int = 0,
         scheduler: Any | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
+        loader: Any | None = None,
         set_batch_size: BatchSizeSetter | None = None,
         deterministic: bool = True,
         freeze: Iterable[str] | None = None,
         rollback: bool = True,
-        explode_factor: float = 10.0,
+        explode_factor: float = EXPLODE_FACTOR,
         lr_backoff: float = 0.25,
+        collapse: bool | CollapseRule = False,
+        n_val: int | None = None,
         apply: bool = True,
         seed: int = 0,
     ):
@@ -272,8 +282,17 @@ class Controller:
             raise ValueError(
                 f"metric 'accuracy' needs n_classes >= 2 (to normalise the score), got {n_classes!r}"
             )
-        if not (math.isfinite(explode_factor) and explode_factor > 1):
-            raise ValueError(f"explode_factor must be a finite number > 1, got {explode_factor!r}")
+        self.guard = DivergenceRule(explode_factor)
+        if collapse is True:
+            collapse = CollapseRule()
+        self.collapse: CollapseRule | None = collapse or None
+        self.n_val = n_val
+        if batch_size is None and loader is not None:
+            batch_size = _loader_batch_size(loader)
+        if batch_size is None:
+            raise ValueError(
+                "Controller needs the run's starting batch_size (or its loader=), got neither"
+            )
         if not (0 < lr_backoff < 1):
             raise ValueError(f"lr_backoff must be in (0, 1), got {lr_backoff!r}")
         self.policy = policy
@@ -285,15 +304,27 @@ class Controller:
         self.metric = metric
         self.n_classes = int(n_classes)
         self.freeze = tuple(policy.freeze if freeze is None else freeze)
-        # The very objects the environment uses: one encoder, one codec.
-        self.encoder = ObservationEncoder(self.space)
-        self.codec = ActionCodec(self.space, freeze=self.freeze)
+        # The very objects the environment uses: one encoder, one codec, over the
+        # knobs the policy was trained with.
+        self.knobs = policy.knobs
+        missing = [k for k in self.knobs if k not in self.space.names]
+        if missing:
+            raise ValueError(
+                f"the policy tunes {', '.join(missing)}, which the space "
+                f"({', '.join(self.space.names)}) does not have"
+            )
+        knob_space = SearchSpace({k: self.space.bounds(k) for k in self.knobs})
+        self.space = knob_space
+        self.encoder = ObservationEncoder(knob_space)
+        self.codec = ActionCodec(knob_space, freeze=self.freeze)
         self.deterministic = bool(deterministic)
         self.rollback = bool(rollback)
-        self.explode_factor = float(explode_factor)
+        self.explode_factor = self.guard.explode_factor
         self.lr_backoff = float(lr_backoff)
         self.apply = bool(apply)
         self._set_batch_size = set_batch_size
+        self._live = LiveRun(optimizer, scheduler, model, None, set_batch_size)
+        self._warned_lr_clip = False
         self._generator = torch.Generator().manual_seed(int(seed))
         self.history = MetricHistory()
         self.events: list[str] = []
@@ -302,24 +333,37 @@ class Controller:
         self._ref_loss: float | None = None
         self._started = False
         self.done = False
+        live = self.space.read(LiveRun(optimizer, scheduler, model, lambda: int(batch_size)))
         hp = {
-            "lr": get_learning_rate(optimizer) if optimizer is not None else self.space.lr[0],
-            "batch_size": batch_size,
-            "dropout": get_dropout(model) if model is not None else self.space.dropout[0],
+            k.name: live.get(k.name, k.lowest(self.space.bounds(k.name))) for k in knob_space.knobs
         }
         clipped = self.space.clip_all(hp)
         if clipped != hp:
-            log.info("rlhpo controller: starting hyperparameters %s clipped to %s", hp, clipped)
+            log.warning(
+                "rlhpo controller: starting hyperparameters %s clipped to the policy's space %s",
+                hp,
+                clipped,
+            )
+            self._warned_lr_clip = True
         self.hp: dict[str, Any] = {}
         self._apply_hp(clipped)
         self._good = _RunState()
+        self._best = _RunState()
+        self._best_score = -math.inf
+        self._lr_cap: float | None = None
         self._snapshot()
 
     # -- construction ----------------------------------------------------
     @classmethod
     def load(cls, policy_dir: str | os.PathLike[str], **kwargs: Any) -> Controller:
-        """Load a policy directory (safetensors + manifest) and build a controller on it."""
-        return cls(load_policy(policy_dir), **kwargs)
+        """Load a policy directory (safetensors + manifest) and build a controller on it.
+
+        The global torch RNG is left as it was (building the network draws an
+        initialisation that the loaded weights then replace).
+        """
+        with torch.random.fork_rng(devices=[]):
+            policy = load_policy(policy_dir)
+        return cls(policy, **kwargs)
 
     @classmethod
     def for_trainee(
@@ -348,7 +392,7 @@ class Controller:
     # -- batches -----------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        return int(self.hp["batch_size"])
+        return int(self.hp[BATCH_SIZE.name])
 
     def batch_sampler(
         self, data: int | Sized, shuffle: bool = True, seed: int = 0, drop_last: bool = False
@@ -426,7 +470,7 @@ class Controller:
         self.samples = int(samples)
         self.interval += 1
         self._refresh_lr()
-        reason = self._divergence(train_loss, val_loss)
+        reason = self.guard.check(self._ref_loss, train_loss, val_loss)
         if reason is not None:
             return self._roll_back(reason)
         if self._ref_loss is None:
@@ -439,6 +483,11 @@ class Controller:
             hp=self.hp,
             budget_fraction=min(self.samples / self.budget_samples, 1.0),
         )
+        if self.collapse is not None:
+            scores = [r.val_score for r in self.history.records]
+            why = self.collapse.check(scores, self.n_val, self.n_classes)
+            if why is not None and self._best_score > -math.inf:
+                return self._restore_best(why)
         self._snapshot()
         if self.samples >= self.budget_samples:
             self.done = True
@@ -461,40 +510,35 @@ class Controller:
             obs, deterministic=self.deterministic, generator=self._generator
         )
         new = self.codec.decode(action, self.hp)
+        if self._lr_cap is not None:
+            new[LR.name] = min(new[LR.name], self._lr_cap)
         if self.apply:
             self._apply_hp(new)
         return Decision(dict(self.hp), self.interval, observation=obs, action=action)
 
-    def _apply_hp(self, hp: dict[str, Any]) -> None:
-        if self.optimizer is not None and self.apply:
-            set_learning_rate(self.optimizer, float(hp["lr"]), self.scheduler)
-        if self.model is not None and self.apply:
-            set_dropout(self.model, float(hp["dropout"]))
-        bs = int(hp["batch_size"])
-        if self._set_batch_size is not None and self.apply:
-            got = self._set_batch_size(bs)
-            bs = int(got) if got is not None else bs
-        self.hp = {"lr": float(hp["lr"]), "batch_size": bs, "dropout": float(hp["dropout"])}
+    def _apply_hp(self, hp: dict[str, Any], force: tuple[str, ...] = ()) -> None:
+        """Write ``hp`` into the run; frozen knobs are never written (only ``force``d
+        ones: the safety net's lr back-off)."""
+        skip = [k for k in self.freeze if k not in force]
+        written = self.space.write(self._live, hp, skip=skip) if self.apply else {}
+        self.hp = {k: written.get(k, hp[k]) for k in self.knobs}
 
     def _refresh_lr(self) -> None:
         # A scheduler moves the lr between decisions; the policy sees the lr in force,
         # as the environment's trainee reports it.
         if self.optimizer is not None and self.apply:
-            self.hp["lr"] = float(self.space.clip("lr", get_learning_rate(self.optimizer)))
-
-    def _divergence(self, train_loss: float | None, val_loss: float) -> str | None:
-        if train_loss is not None and not math.isfinite(train_loss):
-            return f"training loss is {train_loss}"
-        if val_loss is None or not math.isfinite(val_loss):
-            return f"validation loss is {val_loss}"
-        ref = self._ref_loss
-        if ref is not None and train_loss is not None:
-            if train_loss > self.explode_factor * max(ref, 1e-8):
-                return (
-                    f"training loss {train_loss:.4g} > {self.explode_factor:g} x the reference "
-                    f"loss {ref:.4g}"
+            live = get_learning_rate(self.optimizer)
+            clipped = float(self.space.clip(LR.name, live))
+            if clipped != live and not self._warned_lr_clip:
+                self._warned_lr_clip = True
+                log.warning(
+                    "rlhpo controller: the run's lr %.3g lies outside the policy's space "
+                    "%s; the policy sees %.3g (warned once)",
+                    live,
+                    self.space.describe(LR.name),
+                    clipped,
                 )
-        return None
+            self.hp[LR.name] = clipped
 
     def _snapshot(self) -> None:
         self._rollbacks_in_a_row = 0
@@ -502,17 +546,47 @@ class Controller:
             self._good.save(self)
         else:  # nothing to restore; the hyperparameters still fall back
             self._good.hp, self._good.interval = dict(self.hp), self.interval
+        score = self.history.last.val_score if self.history.records else -math.inf
+        if self.collapse is not None and score > self._best_score:
+            self._best_score = score
+            if self.rollback:
+                self._best.save(self)
+            else:
+                self._best.hp, self._best.interval = dict(self.hp), self.interval
+
+    def _restore_best(self, reason: str) -> Decision:
+        """Collapse: back to the best state, lr capped at ``lr_cap`` x its lr."""
+        best = self._best
+        restored = best.restore(self) if self.apply else []
+        self._lr_cap = float(best.hp[LR.name]) * self.collapse.lr_cap
+        new_lr = float(self.space.clip(LR.name, min(best.hp[LR.name], self._lr_cap)))
+        self._apply_hp({**best.hp, LR.name: new_lr}, force=(LR.name,))
+        # The best state is the last good one now, and the history goes on from it.
+        if self.rollback:
+            self._good.save(self)
+        self.history.records.pop()
+        msg = (
+            f"rlhpo controller: collapse at interval {self.interval} ({reason}); restored "
+            f"{', '.join(restored) or 'nothing'} of interval {best.interval}; lr capped at "
+            f"{self._lr_cap:.3g}"
+        )
+        log.warning(msg)
+        self.events.append(msg)
+        self.done = self.samples >= self.budget_samples
+        return Decision(
+            dict(self.hp), self.interval, rolled_back=True, done=self.done, events=(msg,)
+        )
 
     def _roll_back(self, reason: str) -> Decision:
         good = self._good
         restored = good.restore(self) if self.apply else []
         # Relative to the restored state's lr, once more for each rollback in a row.
         self._rollbacks_in_a_row += 1
-        old_lr = self.hp["lr"]
+        old_lr = self.hp[LR.name]
         new_lr = float(
-            self.space.clip("lr", good.hp["lr"] * self.lr_backoff**self._rollbacks_in_a_row)
+            self.space.clip(LR.name, good.hp[LR.name] * self.lr_backoff**self._rollbacks_in_a_row)
         )
-        self._apply_hp({**good.hp, "lr": new_lr})
+        self._apply_hp({**good.hp, LR.name: new_lr}, force=(LR.name,))
         what = (
             f"restored {', '.join(restored)} of interval {good.interval}"
             if restored
@@ -528,6 +602,14 @@ class Controller:
         return Decision(
             dict(self.hp), self.interval, rolled_back=True, done=self.done, events=(msg,)
         )
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """The batch size a ``DataLoader`` draws (its own or its batch sampler's)."""
+    b = getattr(loader, "batch_size", None)
+    if b is None:
+        b = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(b) if b is not None else None
 
 
 class ControlledBatchSampler(torch.utils.data.Sampler[list[int]]):

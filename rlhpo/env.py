@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import gymnasium as gym
@@ -10,13 +11,84 @@ import numpy as np
 from gymnasium import spaces
 
 from rlhpo.actions import ActionCodec
-from rlhpo.knobs import KNOBS
+from rlhpo.knobs import BATCH_SIZE, LR, check_knob
 from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
-from rlhpo.runtime import limit_threads
+from rlhpo.safety import EXPLODE_FACTOR, DivergenceRule
+from rlhpo.starts import START_DRAWN, start_hp
 from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
 from rlhpo.trainees import Trainee, build_trainee
 
 ENV_ID = "rlhpo/HPO-v0"
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Everything that configures an :class:`HPOEnv` (and every vector env of them,
+    and the agents' env settings): one frozen value, validated once.
+
+    Fields are the env's arguments (see :class:`HPOEnv`); lists become tuples.
+    """
+
+    suite: str | Suite = "default"
+    split: str = "train"
+    tasks: tuple[str, ...] | None = None
+    budget_scale: float = 1.0
+    compute_penalty: float = 0.1
+    divergence_penalty: float = 0.5
+    explode_factor: float = EXPLODE_FACTOR
+    freeze: tuple[str, ...] = ()
+    timing: bool = False
+    lr_scale: tuple[float, float] = (1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("tasks", tuple(self.tasks) if self.tasks else None)
+        put("freeze", tuple(self.freeze))
+        for k in self.freeze:
+            check_knob(k)
+        if not self.budget_scale > 0:
+            raise ValueError(f"budget_scale must be > 0, got {self.budget_scale!r}")
+        put("budget_scale", float(self.budget_scale))
+        for name in ("compute_penalty", "divergence_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            put(name, float(v))
+        DivergenceRule(self.explode_factor)  # checks it
+        put("explode_factor", float(self.explode_factor))
+        lr_scale = tuple(float(v) for v in self.lr_scale)
+        if len(lr_scale) != 2 or not all(math.isfinite(v) and v > 0 for v in lr_scale):
+            raise ValueError(f"lr_scale must be two finite numbers > 0, got {lr_scale!r}")
+        if lr_scale[0] > lr_scale[1]:
+            raise ValueError(f"lr_scale must be (low, high) with low <= high, got {lr_scale!r}")
+        put("lr_scale", lr_scale)
+        put("timing", bool(self.timing))
+
+    @classmethod
+    def of(cls, config: Any = None, **overrides: Any) -> EnvConfig:
+        """``config`` (default: the defaults) with ``overrides``; unknown names are an
+        error. A suite (name, path or :class:`Suite`) in place of ``config`` is its
+        ``suite`` field, as ``HPOEnv("default", split="test")`` reads."""
+        if config is not None and not isinstance(config, EnvConfig):
+            overrides = {"suite": config, **overrides}
+            config = None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown env arguments {unknown}; known: {sorted(known)}")
+        return replace(config, **overrides) if config is not None else cls(**overrides)
+
+    def with_suite_loaded(self) -> EnvConfig:
+        """The same config holding the loaded :class:`Suite` (shared by many envs)."""
+        if isinstance(self.suite, Suite):
+            return self
+        return replace(self, suite=load_suite(self.suite))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The fields as ``HPOEnv`` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class HPOEnv(gym.Env):
@@ -57,19 +129,22 @@ class HPOEnv(gym.Env):
     once to give the first observation.
 
     ## Episode End
-    Terminated when the budget is used up, or on divergence (a non-finite loss,
-    or a training loss above ``explode_factor`` x the initial loss): then the
+    Terminated when the budget is used up, or on divergence
+    (:class:`rlhpo.safety.DivergenceRule`: a non-finite loss, or a training or
+    validation loss above ``explode_factor`` x the initial loss): then the
     score counts as chance (0) and ``divergence_penalty`` is subtracted. Never raises
     on divergence.
 
     ## Arguments
+    An :class:`EnvConfig` (``config``), and/or its fields as keyword arguments:
+
     - ``suite``: suite name (``rlhpo/suites/NAME.toml``) or path to a TOML file (default ``"default"``).
     - ``split``: ``"train"``, ``"test"`` or ``"all"``.
     - ``tasks``: optional list of task names to restrict to.
     - ``budget_scale``: multiply every task's sample budget (tests, quick demos).
     - ``compute_penalty``: weight of the compute charge (default 0.1).
     - ``divergence_penalty``: subtracted on divergence (default 0.5).
-    - ``explode_factor``: train loss above this x initial loss is divergence (default 10).
+    - ``explode_factor``: a train or val loss above this x initial loss is divergence (default 10).
     - ``freeze``: knobs the action may not change (ablations).
     - ``lr_scale``: ``(low, high)``; each episode draws a factor ``c`` log-uniformly
       from it and the run trains with ``c`` x the learning rate the policy sets (and
@@ -86,56 +161,48 @@ class HPOEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(
-        self,
-        suite: str | Suite = "default",
-        split: str = "train",
-        tasks: list[str] | None = None,
-        budget_scale: float = 1.0,
-        compute_penalty: float = 0.1,
-        divergence_penalty: float = 0.5,
-        explode_factor: float = 10.0,
-        freeze: tuple[str, ...] | list[str] = (),
-        timing: bool = False,
-        lr_scale: tuple[float, float] | list[float] = (1.0, 1.0),
-    ):
-        limit_threads()
-        self.suite = suite if isinstance(suite, Suite) else load_suite(suite)
-        specs = self.suite.split(split)
-        if tasks is not None:
-            specs = [self.suite.task(t) for t in tasks]
+    def __init__(self, config: Any = None, **kwargs: Any):
+        cfg = EnvConfig.of(config, **kwargs)
+        self.config = cfg
+        self.suite = cfg.suite if isinstance(cfg.suite, Suite) else load_suite(cfg.suite)
+        specs = self.suite.split(cfg.split)
+        if cfg.tasks is not None:
+            specs = [self.suite.task(t) for t in cfg.tasks]
         if not specs:
-            raise ValueError(f"split {split!r} of suite {self.suite.name!r} holds no tasks")
-        if not budget_scale > 0:
-            raise ValueError(f"budget_scale must be > 0, got {budget_scale!r}")
-        for name, v in (
-            ("compute_penalty", compute_penalty),
-            ("divergence_penalty", divergence_penalty),
-        ):
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        lr_scale = tuple(float(v) for v in lr_scale)
-        if len(lr_scale) != 2 or not all(math.isfinite(v) and v > 0 for v in lr_scale):
-            raise ValueError(f"lr_scale must be two finite numbers > 0, got {lr_scale!r}")
-        if lr_scale[0] > lr_scale[1]:
-            raise ValueError(f"lr_scale must be (low, high) with low <= high, got {lr_scale!r}")
-        self.lr_scale = lr_scale
+            raise ValueError(f"split {cfg.split!r} of suite {self.suite.name!r} holds no tasks")
+        knob_sets = {s.space.names for s in specs}
+        if len(knob_sets) != 1:
+            raise ValueError(f"the env's tasks must tune the same knobs, got {sorted(knob_sets)}")
+        self.knobs = knob_sets.pop()
+        self.lr_scale = cfg.lr_scale
         self._lr_c = 1.0
-        self.split = split
+        self.split = cfg.split
         self.tasks: dict[str, TaskSpec] = {
-            s.name: (s.scaled(budget_scale) if budget_scale != 1.0 else s) for s in specs
+            s.name: (s.scaled(cfg.budget_scale) if cfg.budget_scale != 1.0 else s) for s in specs
         }
         self.task_names = list(self.tasks)
-        self.budget_scale = budget_scale
-        self.compute_penalty = float(compute_penalty)
-        self.divergence_penalty = float(divergence_penalty)
-        self.explode_factor = float(explode_factor)
-        self.freeze = tuple(freeze)
-        self.timing = bool(timing)
-        self.action_space = spaces.MultiDiscrete(np.array(ActionCodec.NVEC, dtype=np.int64))
+        self.budget_scale = cfg.budget_scale
+        self.compute_penalty = cfg.compute_penalty
+        self.divergence_penalty = cfg.divergence_penalty
+        self.explode_factor = cfg.explode_factor
+        self.guard = DivergenceRule(cfg.explode_factor)
+        self.freeze = cfg.freeze
+        self.timing = cfg.timing
+        codec = ActionCodec(specs[0].space, freeze=self.freeze)
+        self.action_space = spaces.MultiDiscrete(np.array(codec.nvec, dtype=np.int64))
         self.observation_space = spaces.Box(
-            low=-10.0, high=10.0, shape=(ObservationEncoder.SIZE,), dtype=np.float32
+            low=-10.0,
+            high=10.0,
+            shape=(ObservationEncoder(specs[0].space).size,),
+            dtype=np.float32,
         )
+        self.encoder: ObservationEncoder | None = None
+        self.codec: ActionCodec | None = None
+        self.history = MetricHistory()
+        self.n_classes = 0
+        self.interval = 0
+        self.static_steps = 0
+        self._ref_loss = 0.0
         self.spec_task: TaskSpec | None = None
         self.trainee: Trainee | None = None
 
@@ -160,7 +227,8 @@ class HPOEnv(gym.Env):
         c = float(math.exp(self.np_random.uniform(math.log(lo), math.log(hi)))) if hi > lo else lo
         self._lr_c = c
         self.spec_task = task
-        self.trainee = self._make_trainee(task, {**start, "lr": start["lr"] * c}, run_seed)
+        lr = LR.name
+        self.trainee = self._make_trainee(task, {**start, lr: start[lr] * c}, run_seed)
         self.encoder = ObservationEncoder(task.space)
         self.codec = ActionCodec(task.space, freeze=self.freeze)
         self.history = MetricHistory()
@@ -184,19 +252,17 @@ class HPOEnv(gym.Env):
 
     def _start_hp(self, task: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
         if "hp" in options:
-            unknown = set(options["hp"]) - set(KNOBS)
+            unknown = set(options["hp"]) - set(task.space.names)
             if unknown:
                 raise ValueError(
-                    f"options['hp'] has unknown knobs {sorted(unknown)}; knobs are {KNOBS}"
+                    f"options['hp'] has unknown knobs {sorted(unknown)}; "
+                    f"knobs are {task.space.names}"
                 )
             return task.space.clip_all({**task.default, **options["hp"]})
-        if options.get("start") == "default":
-            return dict(task.default)
-        st, rng = task.start, self.np_random
-        lr = float(math.exp(rng.uniform(math.log(st.lr[0]), math.log(st.lr[1]))))
-        bs = int(st.batch_size[int(rng.integers(len(st.batch_size)))])
-        do = float(rng.uniform(st.dropout[0], st.dropout[1]))
-        return {"lr": lr, "batch_size": bs, "dropout": do}
+        start = options.get("start", START_DRAWN)
+        if start == START_DRAWN:
+            return task.space.draw(self.np_random, task.start.as_bounds())
+        return start_hp(task, start)
 
     @property
     def hp(self) -> dict[str, Any]:
@@ -204,7 +270,7 @@ class HPOEnv(gym.Env):
         rate before the episode's ``lr_scale`` factor)."""
         hp = dict(self.trainee.hp)
         if self._lr_c != 1.0:
-            hp["lr"] = hp["lr"] / self._lr_c
+            hp[LR.name] = hp[LR.name] / self._lr_c
         return hp
 
     def _norm(self, score: float) -> float:
@@ -225,7 +291,7 @@ class HPOEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         task, tr = self.spec_task, self.trainee
         hp = self.codec.decode(action, self.hp)
-        tr.set_hp(**{**hp, "lr": hp["lr"] * self._lr_c})
+        tr.set_hp(**{**hp, LR.name: hp[LR.name] * self._lr_c})
         return min(task.interval_samples, task.budget_samples - tr.samples_seen)
 
     def _end_step(self, stats, ev: dict[str, float]):
@@ -233,12 +299,12 @@ class HPOEnv(gym.Env):
         task, tr = self.spec_task, self.trainee
         prev_score = self.history.last.val_score
         self.interval += 1
-        static = math.ceil(stats.samples / task.default["batch_size"])
+        static = math.ceil(stats.samples / task.default[BATCH_SIZE.name])
         self.static_steps += static
-        diverged = stats.diverged or not math.isfinite(stats.train_loss)
-        diverged = diverged or stats.train_loss > self.explode_factor * max(self._ref_loss, 1e-8)
-        if not math.isfinite(ev["loss"]):
-            diverged = True
+        reason = self.guard.check(
+            self._ref_loss, stats.train_loss, ev["loss"], stopped=stats.diverged
+        )
+        diverged = reason is not None
         frac = tr.samples_seen / task.budget_samples
         charge = (
             self.compute_penalty * max(0.0, stats.steps / max(static, 1) - 1.0) / task.intervals

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhpo.knobs import SearchSpace
+from rlhpo.knobs import KNOBS, LR, SearchSpace
 
 
 def normalised_score(metric: str, value: float, n_classes: int = 0) -> float:
@@ -112,7 +112,11 @@ class ObservationEncoder:
     13    budget fraction since the best validation score
     14    log2 of the lr change at the last decision, / 2
     15    best score minus current score
+    16+   the space's opt-in knobs (weight decay, momentum), as 1-3
     ====  ======================================================================
+
+    A space of the three required knobs gives the 16 features every shipped
+    policy was trained on (``SIZE``); each opt-in knob adds one (``size``).
     """
 
     VERSION = 1
@@ -120,6 +124,13 @@ class ObservationEncoder:
 
     def __init__(self, space: SearchSpace):
         self.space = space
+        self.extra = tuple(k for k in space.names if k not in KNOBS)
+        self.size = self.SIZE + len(self.extra)
+
+    @classmethod
+    def size_for(cls, knobs: tuple[str, ...] | list[str]) -> int:
+        """Features for a space of these knobs."""
+        return cls.SIZE + sum(1 for k in knobs if k not in KNOBS)
 
     def encode(self, history: MetricHistory) -> np.ndarray:
         if not history.records:
@@ -133,12 +144,15 @@ class ObservationEncoder:
         ptl = prev.train_loss if prev.train_loss is not None else prev.val_loss
         best_i = max(range(len(recs)), key=lambda i: (recs[i].val_score, i))
         sp = self.space
+
+        def position(k: str) -> float:
+            return 2 * sp.to_unit(k, cur.hp[k]) - 1
+
+        lr = LR.name
         f = np.array(
             [
                 cur.budget_fraction,
-                2 * sp.to_unit("lr", cur.hp["lr"]) - 1,
-                2 * sp.to_unit("batch_size", cur.hp["batch_size"]) - 1,
-                2 * sp.to_unit("dropout", cur.hp["dropout"]) - 1,
+                *(position(k) for k in KNOBS),
                 cur.val_score,
                 history.best_score,
                 10 * (cur.val_score - prev.val_score),
@@ -149,8 +163,9 @@ class ObservationEncoder:
                 5 * _log_ratio(cur.val_loss, prev.val_loss),
                 _log_ratio(cur.val_loss, tl),
                 cur.budget_fraction - recs[best_i].budget_fraction,
-                math.log2(cur.hp["lr"] / prev.hp["lr"]) / 2,
+                math.log2(cur.hp[lr] / prev.hp[lr]) / 2,
                 history.best_score - cur.val_score,
+                *(position(k) for k in self.extra),
             ],
             dtype=np.float64,
         )

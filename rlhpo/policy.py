@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhpo.actions import ActionCodec
+from rlhpo.actions import ActionCodec, nvec_of
+from rlhpo.knobs import KNOBS, KnobError, order_knobs
 from rlhpo.observation import ObservationEncoder
 
 FORMAT_VERSION = 1
@@ -117,15 +118,30 @@ class Policy:
     def freeze(self) -> tuple[str, ...]:
         return tuple(self.manifest.get("freeze", ()))
 
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        """The knobs the policy's actions move (the manifest names them)."""
+        return order_knobs(self.manifest.get("knobs", KNOBS))
 
-def save_policy(path: str | os.PathLike[str], net: PolicyNet, **info: Any) -> Path:
+
+def save_policy(
+    path: str | os.PathLike[str], net: PolicyNet, *, knobs: Any = KNOBS, **info: Any
+) -> Path:
     """Write ``net`` and a manifest (``info`` adds fields: suite, agent, timesteps, ...).
+
+    ``knobs`` are the knobs the net's actions move (the env's ``knobs``).
 
     Written to temporary names first and renamed, so an interrupted save never
     leaves a half-written policy where a good one was.
     """
     from safetensors.torch import save_file
 
+    knobs = order_knobs(knobs)
+    if tuple(net.nvec) != nvec_of(knobs):
+        raise ValueError(
+            f"the network's actions {list(net.nvec)} do not fit the knobs {list(knobs)} "
+            f"({list(nvec_of(knobs))})"
+        )
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -135,14 +151,14 @@ def save_policy(path: str | os.PathLike[str], net: PolicyNet, **info: Any) -> Pa
         "encoder": {
             "name": "ObservationEncoder",
             "version": ObservationEncoder.VERSION,
-            "size": ObservationEncoder.SIZE,
+            "size": ObservationEncoder.size_for(knobs),
         },
         "codec": {
             "name": "ActionCodec",
             "version": ActionCodec.VERSION,
-            "nvec": list(ActionCodec.NVEC),
+            "nvec": list(nvec_of(knobs)),
         },
-        "knobs": ["lr", "batch_size", "dropout"],
+        "knobs": list(knobs),
         "architecture": net.architecture(),
         "tensors": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
@@ -417,15 +433,27 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         msg = str(e).replace("\n", " ")
         raise PolicyFileError(f"{wpath}: not a readable safetensors file ({msg})") from e
     try:
-        net = PolicyNet(
-            obs_dim=arch["obs_dim"],
-            nvec=tuple(arch["nvec"]),
-            hidden=tuple(arch["hidden"]),
-            activation=arch["activation"],
-        )
+        # The initialisation is overwritten by the weights: draw it off the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            net = PolicyNet(
+                obs_dim=int(arch["obs_dim"]),
+                nvec=tuple(arch["nvec"]),
+                hidden=tuple(arch["hidden"]),
+                activation=str(arch["activation"]),
+            )
         net.load_state_dict(tensors)
     except (KeyError, TypeError, RuntimeError) as e:
         raise PolicyFileError(f"{p}: weights do not fit the manifest's architecture ({e})") from e
+    try:
+        knobs = order_knobs(m.get("knobs", KNOBS))
+    except KnobError as e:
+        raise PolicyFileError(f"{p}: manifest 'knobs': {e}") from e
+    want_obs, want_nvec = ObservationEncoder.size_for(knobs), nvec_of(knobs)
+    if tuple(net.nvec) != want_nvec or net.obs_dim != want_obs:
+        raise PolicyFileError(
+            f"{p}: network maps {net.obs_dim} features to {list(net.nvec)}; its knobs "
+            f"{list(knobs)} need {want_obs} to {list(want_nvec)}"
+        )
     net.eval()
     return Policy(net=net, manifest=m, path=p)
 

@@ -35,7 +35,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
-from rlhpo.env import HPOEnv
+from rlhpo.env import EnvConfig, HPOEnv
 from rlhpo.runtime import limit_threads
 from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
 from rlhpo.trainees import IntervalStats, Trainee, build_trainee
@@ -106,8 +106,8 @@ class SlotEnv(HPOEnv):
     envs call ``_begin_step`` / ``_end_step`` around one joint training step.
     """
 
-    def __init__(self, pool: RunPool, **kwargs: Any):
-        super().__init__(**kwargs)
+    def __init__(self, pool: RunPool, config: EnvConfig | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
         self.pool = pool
 
     def _make_trainee(self, task: TaskSpec, hp: dict[str, Any], seed: int):
@@ -124,41 +124,15 @@ class SlotEnv(HPOEnv):
         super().close()
 
 
-def _env_kwargs(
-    suite: str | Suite,
-    split: str,
-    tasks: Sequence[str] | None,
-    budget_scale: float,
-    compute_penalty: float,
-    divergence_penalty: float,
-    explode_factor: float,
-    freeze: Sequence[str],
-    timing: bool,
-    lr_scale: Sequence[float] = (1.0, 1.0),
-) -> dict[str, Any]:
-    return {
-        "suite": suite if isinstance(suite, Suite) else load_suite(suite),
-        "split": split,
-        "tasks": list(tasks) if tasks else None,
-        "budget_scale": budget_scale,
-        "compute_penalty": compute_penalty,
-        "divergence_penalty": divergence_penalty,
-        "explode_factor": explode_factor,
-        "freeze": tuple(freeze),
-        "timing": timing,
-        "lr_scale": tuple(lr_scale),
-    }
-
-
 class _Slots:
     """What both vector envs share: the slot envs, the pool and the joint step."""
 
-    def __init__(self, n_envs: int, exact: bool, chunk_elements: int, env_kwargs: dict):
+    def __init__(self, n_envs: int, exact: bool, chunk_elements: int, config: EnvConfig):
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
-        limit_threads()
+        config = config.with_suite_loaded()  # parsed once, shared by every slot
         self.pool = RunPool(exact=exact, chunk_elements=chunk_elements)
-        self.envs = [SlotEnv(self.pool, **env_kwargs) for _ in range(n_envs)]
+        self.envs = [SlotEnv(self.pool, config) for _ in range(n_envs)]
 
     def step_all(self, actions: np.ndarray) -> list[tuple]:
         """One step of every slot (without auto-reset): the 5-tuples of ``HPOEnv.step``."""
@@ -184,8 +158,8 @@ class BatchedVecEnv(VecEnv):
 
     Args:
         n_envs: number of environments (slots).
-        suite, split, tasks, budget_scale, compute_penalty, divergence_penalty,
-            explode_factor, freeze, timing, lr_scale: as :class:`~rlhpo.env.HPOEnv`.
+        config: an :class:`~rlhpo.env.EnvConfig`; its fields may also be given as
+            keyword arguments (``suite``, ``split``, ...), as :class:`~rlhpo.env.HPOEnv`.
         exact: replay the unbatched Trainee's dropout masks and Adam arithmetic
             (slower; for checks). Off: same distributions, other random draws.
         chunk_elements: cache-sized work unit of the batched backend.
@@ -194,32 +168,13 @@ class BatchedVecEnv(VecEnv):
     def __init__(
         self,
         n_envs: int = 8,
-        suite: str | Suite = "default",
-        split: str = "train",
-        tasks: Sequence[str] | None = None,
-        budget_scale: float = 1.0,
-        compute_penalty: float = 0.1,
-        divergence_penalty: float = 0.5,
-        explode_factor: float = 10.0,
-        freeze: Sequence[str] = (),
-        timing: bool = False,
-        lr_scale: Sequence[float] = (1.0, 1.0),
+        config: EnvConfig | None = None,
+        *,
         exact: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS,
+        **env_kwargs: Any,
     ):
-        kw = _env_kwargs(
-            suite,
-            split,
-            tasks,
-            budget_scale,
-            compute_penalty,
-            divergence_penalty,
-            explode_factor,
-            freeze,
-            timing,
-            lr_scale,
-        )
-        self.slots = _Slots(n_envs, exact, chunk_elements, kw)
+        self.slots = _Slots(n_envs, exact, chunk_elements, EnvConfig.of(config, **env_kwargs))
         self.envs = self.slots.envs
         env = self.envs[0]
         super().__init__(n_envs, env.observation_space, env.action_space)
@@ -295,7 +250,7 @@ def _shard_worker(remote, parent_remote, kwargs: dict[str, Any]) -> None:
     import traceback
 
     parent_remote.close()
-    limit_threads()  # one torch thread per process (rlhpo.runtime)
+    limit_threads()  # a worker process: one torch thread each (rlhpo.runtime)
     env = None
     try:
         env = BatchedVecEnv(**kwargs)
@@ -469,26 +424,13 @@ class BatchedVectorEnv(gym.vector.VectorEnv):
     def __init__(
         self,
         n_envs: int = 8,
+        config: EnvConfig | None = None,
+        *,
         exact: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS,
-        **kwargs: Any,
+        **env_kwargs: Any,
     ):
-        defaults = {
-            "suite": "default",
-            "split": "train",
-            "tasks": None,
-            "budget_scale": 1.0,
-            "compute_penalty": 0.1,
-            "divergence_penalty": 0.5,
-            "explode_factor": 10.0,
-            "freeze": (),
-            "timing": False,
-            "lr_scale": (1.0, 1.0),
-        }
-        unknown = set(kwargs) - set(defaults)
-        if unknown:
-            raise TypeError(f"unknown arguments {sorted(unknown)}; known: {sorted(defaults)}")
-        self.slots = _Slots(n_envs, exact, chunk_elements, _env_kwargs(**{**defaults, **kwargs}))
+        self.slots = _Slots(n_envs, exact, chunk_elements, EnvConfig.of(config, **env_kwargs))
         self.envs = self.slots.envs
         self.num_envs = n_envs
         self.single_observation_space = self.envs[0].observation_space
@@ -542,8 +484,8 @@ def batchable_tasks(
 
 
 def make_vec_env(
-    suite: str | Suite = "default",
-    split: str = "train",
+    config: Any = None,
+    split: str | None = None,
     n_envs: int = 8,
     seed: int = 0,
     *,
@@ -555,13 +497,19 @@ def make_vec_env(
     **env_kwargs: Any,
 ) -> VecEnv:
     """``n_envs`` tuning environments as an SB3 ``VecEnv``; env ``i`` is seeded
-    ``seed + i`` at the first ``reset()`` (as SB3's own ``make_vec_env``).
+    ``seed + i`` at the first ``reset()`` (as SB3's own ``make_vec_env``); later
+    resets continue each env's own generator. The one factory of vector envs
+    (the agents use it too).
+
+    ``config``: an :class:`~rlhpo.env.EnvConfig` or a suite; ``split`` and
+    ``env_kwargs`` are EnvConfig fields (``tasks``, ``budget_scale``, ``timing``, ...)
+    that override it.
 
     ``backend``:
 
     - ``"auto"`` (default): :class:`BatchedVecEnv` if at least one selected task
-      is batchable (the others then train one by one inside it), else
-      ``SubprocVecEnv`` (``n_envs > 1``) or ``DummyVecEnv`` of ``HPOEnv``;
+      is batchable (the others then train one by one inside it); else
+      ``SubprocVecEnv`` when ``1 < n_envs <= cores``, else ``DummyVecEnv`` of ``HPOEnv``;
     - ``"batched"``: :class:`BatchedVecEnv`, an error if no task is batchable;
     - ``"dummy"`` / ``"subproc"``: SB3's vector envs of ``HPOEnv`` (one model per env;
       ``SubprocVecEnv`` runs one process per env).
@@ -570,46 +518,43 @@ def make_vec_env(
     (:class:`ShardedVecEnv`): one per free core.
 
     ``monitor`` wraps the result in SB3's ``VecMonitor`` (``info["episode"]``).
-    ``env_kwargs`` go to :class:`~rlhpo.env.HPOEnv` (``tasks``, ``budget_scale``,
-    ``compute_penalty``, ``divergence_penalty``, ``explode_factor``, ``freeze``,
-    ``timing``, ``lr_scale``).
     """
+    import os
+
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
 
+    if split is not None:
+        env_kwargs["split"] = split
+    cfg = EnvConfig.of(config, **env_kwargs)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
-    yes, no = batchable_tasks(suite, split, env_kwargs.get("tasks"))
+    if n_procs < 1:
+        raise ValueError(f"n_procs must be >= 1, got {n_procs}")
+    cfg = cfg.with_suite_loaded()
+    yes, no = batchable_tasks(cfg.suite, cfg.split, cfg.tasks)
     if backend == "batched" and not yes:
         raise ValueError(
             f"backend 'batched' needs a batchable task (see supports_batching); got {no}"
         )
     if backend == "auto":
-        backend = "batched" if yes else ("subproc" if n_envs > 1 else "dummy")
+        if yes:
+            backend = "batched"
+        else:
+            backend = "subproc" if 1 < n_envs <= (os.cpu_count() or 1) else "dummy"
     venv: VecEnv
     if backend == "batched" and n_procs > 1:
         venv = ShardedVecEnv(
-            n_envs,
-            n_procs,
-            suite=suite,
-            split=split,
-            exact=exact,
-            chunk_elements=chunk_elements,
-            **env_kwargs,
+            n_envs, n_procs, config=cfg, exact=exact, chunk_elements=chunk_elements
         )
     elif backend == "batched":
-        venv = BatchedVecEnv(
-            n_envs, suite, split, exact=exact, chunk_elements=chunk_elements, **env_kwargs
-        )
+        venv = BatchedVecEnv(n_envs, cfg, exact=exact, chunk_elements=chunk_elements)
+    elif backend == "subproc":
+        fns = [_HPOEnvFactory(cfg, worker=True) for _ in range(n_envs)]
+        venv = SubprocVecEnv(fns, start_method="forkserver")
     else:
-        kwargs = {"suite": suite, "split": split, **env_kwargs}
-        fns = [_HPOEnvFactory(kwargs) for _ in range(n_envs)]
-        venv = (
-            SubprocVecEnv(fns, start_method="forkserver")
-            if backend == "subproc"
-            else DummyVecEnv(fns)
-        )
+        venv = DummyVecEnv([_HPOEnvFactory(cfg) for _ in range(n_envs)])
     venv.seed(seed)
     return VecMonitor(venv) if monitor else venv
 
@@ -617,9 +562,11 @@ def make_vec_env(
 class _HPOEnvFactory:
     """Builds one ``HPOEnv`` (picklable, for subprocess workers)."""
 
-    def __init__(self, kwargs: dict[str, Any]):
-        self.kwargs = kwargs
+    def __init__(self, config: EnvConfig, worker: bool = False):
+        self.config = config
+        self.worker = worker
 
     def __call__(self) -> HPOEnv:
-        limit_threads()  # one torch thread in every worker (rlhpo.runtime)
-        return HPOEnv(**self.kwargs)
+        if self.worker:
+            limit_threads()  # a worker process: one torch thread each (rlhpo.runtime)
+        return HPOEnv(self.config)

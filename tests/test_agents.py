@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -49,7 +50,7 @@ def test_exported_policy_acts_like_sb3(tmp_path):
     from rlhpo.agents.ppo import _build_model, normalize
 
     s = tiny_ppo()
-    venv = normalize(make_vec_env(n_envs=2, seed=0, vec_env="dummy", suite=V1, **TINY), s)
+    venv = normalize(make_vec_env(n_envs=2, seed=0, backend="dummy", timing=True, suite=V1, **TINY), s)
     model = _build_model(s, venv, seed=0)
     assert isinstance(model, PPO)
     model.learn(80)  # moves the weights and the VecNormalize statistics off their init
@@ -74,7 +75,7 @@ def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
     from rlhpo.agents.envs import make_vec_env
     from rlhpo.vec_env import BatchedVecEnv
 
-    venv = make_vec_env(n_envs=4, seed=0, vec_env="batched", suite=V1, **TINY)
+    venv = make_vec_env(n_envs=4, seed=0, backend="batched", suite=V1, **TINY)
     assert isinstance(venv.unwrapped, BatchedVecEnv) and venv.num_envs == 4
     venv.close()
     out = tmp_path / "run"
@@ -83,20 +84,20 @@ def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
     assert info["timesteps"] >= 80 and info["episodes"] > 0
     assert load_policy(out / "policy").manifest["recipe"]["vec_env"] == "batched"
     with pytest.raises(ValueError, match="n_procs must be >= 1, got 0"):
-        make_vec_env(n_envs=2, vec_env="batched", n_procs=0, suite=V1, **TINY)
+        make_vec_env(n_envs=2, backend="batched", n_procs=0, suite=V1, **TINY)
     # "auto" (the recipe's default): batched where a task is batchable, else one model
     # per env, in subprocesses only when there are no more envs than cores.
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    auto = make_vec_env(n_envs=3, vec_env="auto", suite=V1, **TINY)
+    auto = make_vec_env(n_envs=3, backend="auto", suite=V1, **TINY)
     assert isinstance(auto.unwrapped, BatchedVecEnv)
     auto.close()
-    gru = make_vec_env(suite=V1, n_envs=3, vec_env="auto", tasks=["seq-gru"], budget_scale=0.02)
+    gru = make_vec_env(suite=V1, n_envs=3, backend="auto", tasks=["seq-gru"], budget_scale=0.02)
     assert isinstance(gru.unwrapped, BatchedVecEnv)  # GRU runs batch with torch.func
     gru.close()
     monkeypatch.setattr("rlhpo.vec_env.supports_batching", lambda t: t.model != "gru")
-    gru = make_vec_env(suite=V1, n_envs=64, vec_env="auto", tasks=["seq-gru"], budget_scale=0.02)
-    assert isinstance(gru, DummyVecEnv) and gru.num_envs == 64
+    gru = make_vec_env(suite=V1, n_envs=64, backend="auto", tasks=["seq-gru"], budget_scale=0.02)
+    assert isinstance(gru.unwrapped, DummyVecEnv) and gru.num_envs == 64
     gru.close()
 
 
@@ -173,10 +174,16 @@ def test_no_wandb_writes_only_jsonl(tmp_path):
 
 def test_reinforce_learns_a_policy_file(tmp_path):
     torch.manual_seed(0)
+    np.random.seed(0)
+    outer_torch, outer_np = torch.get_rng_state(), np.random.get_state()[1].copy()
     s = ReinforceSettings(**TINY, episodes_per_batch=2, checkpoint_every_s=0)
     info = train_reinforce(
         s, tmp_path / "rf", timesteps=80, use_wandb=False, show_progress=False, suite=V1
     )
+    # Seeding is local: the caller's global generators are where they were.
+    assert torch.equal(torch.get_rng_state(), outer_torch)
+    assert np.array_equal(np.random.get_state()[1], outer_np)
+    assert "lr_scale" in dataclasses.asdict(s)  # one env config for both agents
     pol = load_policy(tmp_path / "rf" / "policy")
     assert pol.manifest["agent"] == "reinforce" and info["timesteps"] >= 80
     obs = np.zeros((3, 16), dtype=np.float32)

@@ -100,7 +100,7 @@ def test_method_strings_parse():
         ("optuna-tpe-sometimes:5", "'sometimes'"),
         ("pbt:1", "'1'"),
         ("policy:", "policy:DIR"),
-        ("policy:d?freeze=momentum", "'momentum'"),
+        ("policy:d?freeze=beta3", "'beta3'"),
         ("static?speed=2", "'speed'"),
         ("cosine:3", "'3'"),
         ("gridsearch", "'gridsearch'"),

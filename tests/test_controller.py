@@ -84,7 +84,7 @@ def _small_run(tmp_path, **kw):
         model=model,
         budget_samples=1000,
         n_classes=3,
-        **kw,
+        **{"batch_size": 64, **kw},
     )
     return model, opt, ctl
 
@@ -133,6 +133,7 @@ def test_lr_change_survives_scheduler(tmp_path):
         scheduler=sched,
         budget_samples=1000,
         n_classes=3,
+        batch_size=64,
     )
     for _ in range(3):
         opt.step()
@@ -219,7 +220,9 @@ def test_budget_end_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="metric must be accuracy or r2, got 'f1'"):
         Controller(pol, budget_samples=10, metric="f1")
     with pytest.raises(ValueError, match="loader\\(\\) sets 'batch_size' itself"):
-        Controller(pol, budget_samples=10, metric="r2").loader([1, 2, 3], batch_size=4)
+        Controller(pol, budget_samples=10, metric="r2", batch_size=4).loader(
+            [1, 2, 3], batch_size=4
+        )
 
 
 def test_space_and_freeze(tmp_path):
@@ -273,7 +276,10 @@ def test_apply_cli_end_to_end(tmp_path):
     again = _apply_cli(tmp_path, "--out", str(out), "--no-wandb")
     assert again.exit_code == 2 and "already holds a trace.csv" in again.output
     bad = _apply_cli(tmp_path, "--out", str(tmp_path / "r2"), "--start", "warm")
-    assert bad.exit_code == 2 and "--start must be one of default, random, low-lr" in bad.output
+    assert (
+        bad.exit_code == 2
+        and "--start must be one of default, low-lr, high-lr, random" in bad.output
+    )
 
 
 def test_apply_vs_static_runs_the_same_start_unchanged(tmp_path):
@@ -323,6 +329,7 @@ def test_rollback_to_before_the_first_step_and_with_scheduler(tmp_path):
         scheduler=sched,
         budget_samples=1000,
         n_classes=3,
+        batch_size=64,
     )
     for _ in range(2):
         _train_a_bit(model, opt)

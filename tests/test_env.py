@@ -164,11 +164,16 @@ def test_lr_scale_trains_with_a_hidden_factor_on_the_learning_rate():
             HPOEnv("default-v1", lr_scale=bad, **kw)
 
 
-def test_env_runs_torch_with_one_thread():
+def test_creating_envs_leaves_the_thread_setting_alone():
+    """Thread limits belong to the CLI and worker processes, not to library calls."""
     code = (
         "import torch; torch.set_num_threads(2); from rlhpo.env import HPOEnv; "
-        "HPOEnv('default-v1', tasks=['wine-mlp']); print(torch.get_num_threads())"
+        "from rlhpo.vec_env import make_vec_env; "
+        "HPOEnv('default-v1', tasks=['wine-mlp']); "
+        "make_vec_env('default-v1', n_envs=2, backend='dummy', tasks=['wine-mlp']); "
+        "make_vec_env('default-v1', n_envs=2, backend='batched', tasks=['wine-mlp']); "
+        "print(torch.get_num_threads())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "1"
+    assert out.stdout.strip() == "2"
     assert rlhpo.runtime.limit_threads() == 1

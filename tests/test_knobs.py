@@ -16,7 +16,9 @@ def test_clip_never_accepts_out_of_bounds():
     assert SPACE.clip("batch_size", 1000) == 128
     assert SPACE.clip("batch_size", 40) == 32
     assert SPACE.clip("dropout", -1) == 0.0
-    with pytest.raises(KnobError, match="unknown knob 'momentum'"):
+    with pytest.raises(KnobError, match="unknown knob 'beta3'"):
+        SPACE.clip("beta3", 0.9)
+    with pytest.raises(KnobError, match="knob 'momentum' is not in this space"):
         SPACE.clip("momentum", 0.9)
     with pytest.raises(KnobError, match="lr must be a number, got nan"):
         SPACE.clip("lr", float("nan"))

@@ -28,7 +28,7 @@ class EpisodeTracer:
 
     @staticmethod
     def _empty() -> dict[str, list[float]]:
-        return {"lr": [], "batch_size": [], "dropout": [], "val_norm_score": []}
+        return {}
 
     def step(self, env_index: int, info: dict[str, Any]) -> None:
         """Record one step's info of env ``env_index``."""
@@ -36,10 +36,9 @@ class EpisodeTracer:
         hp = info.get("hp")
         if hp is None:
             return
-        tr["lr"].append(float(hp["lr"]))
-        tr["batch_size"].append(int(hp["batch_size"]))
-        tr["dropout"].append(float(hp["dropout"]))
-        tr["val_norm_score"].append(float(info["val_norm_score"]))
+        for k, v in hp.items():  # every knob of the env, in registry order
+            tr.setdefault(k, []).append(v if isinstance(v, int) else float(v))
+        tr.setdefault("val_norm_score", []).append(float(info["val_norm_score"]))
 
     def end(self, env_index: int, info: dict[str, Any], ret: float, length: int) -> dict[str, Any]:
         """Close env ``env_index``'s episode (``info`` = its last step's info)."""
@@ -54,9 +53,7 @@ class EpisodeTracer:
             "task": info.get("task"),
             "agent/episode_return": float(ret),
             "agent/episode_length": int(length),
-            "hp/lr": float(hp.get("lr", float("nan"))),
-            "hp/batch_size": float(hp.get("batch_size", float("nan"))),
-            "hp/dropout": float(hp.get("dropout", float("nan"))),
+            **{f"hp/{k}": float(v) for k, v in hp.items()},
             "val/score": float(info.get("val_score", float("nan"))),
             "val/norm_score": float(info.get("val_norm_score", float("nan"))),
             "val/loss": float(info.get("val_loss", float("nan"))),

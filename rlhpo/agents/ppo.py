@@ -30,12 +30,11 @@ from rlhpo.agents.checkpoint import (
     set_rng_state,
     unflatten_optimizer_state,
 )
-from rlhpo.agents.envs import make_vec_env
+from rlhpo.agents.envs import EnvSettings, make_vec_env
 from rlhpo.agents.episodes import EpisodeTracer
 from rlhpo.agents.progress import TrainingProgress
 from rlhpo.agents.recipe import settings_dict
 from rlhpo.policy import PolicyNet, save_policy
-from rlhpo.runtime import limit_threads
 
 COMPUTE_NOTE = (
     "compute is charged in the reward: compute_penalty * max(0, optimizer steps / steps at the "
@@ -44,21 +43,9 @@ COMPUTE_NOTE = (
 
 
 @dataclass
-class PPOSettings:
+class PPOSettings(EnvSettings):
     """PPO recipe (``rlhpo/recipes/ppo.toml``); every field can be overridden with ``--set``."""
 
-    split: str = "train"
-    """Suite split to train on; never ``test``."""
-    tasks: tuple[str, ...] = ()
-    """Restrict training to these tasks of the split (empty: all of them)."""
-    budget_scale: float = 1.0
-    """Multiply every task's sample budget (tiny values for tests)."""
-    compute_penalty: float = 0.1
-    """Env's charge for optimizer steps above the default batch size's (see HPOEnv)."""
-    freeze: tuple[str, ...] = ()
-    """Knobs the policy may not change (ablations)."""
-    lr_scale: tuple[float, ...] = (1.0, 1.0)
-    """Env's per-episode learning-rate factor range (domain randomisation; see HPOEnv)."""
     n_envs: int = 2
     """Parallel environments."""
     vec_env: str = "auto"
@@ -314,7 +301,6 @@ def train_ppo(
     the policy to ``out/policy``. Returns the manifest fields written."""
     from rlhpo.tracking import Tracker
 
-    limit_threads()
     out = Path(out)
     ckpt = None
     if resume:
@@ -327,20 +313,12 @@ def train_ppo(
         settings = build_settings(PPOSettings, ckpt[1]["settings"])
         seed, suite = int(ckpt[1]["seed"]), str(ckpt[1]["suite"])
     _check(settings, timesteps)
-    if len(settings.lr_scale) != 2:
-        raise ValueError(f"lr_scale must be [low, high], got {list(settings.lr_scale)}")
     venv = make_vec_env(
+        settings.env_config(suite),
         n_envs=settings.n_envs,
         seed=seed,
-        vec_env=settings.vec_env,
+        backend=settings.vec_env,
         n_procs=settings.n_procs,
-        suite=suite,
-        split=settings.split,
-        tasks=settings.tasks,
-        budget_scale=settings.budget_scale,
-        compute_penalty=settings.compute_penalty,
-        freeze=settings.freeze,
-        lr_scale=settings.lr_scale,
     )
     vn = None
     if settings.norm_obs or settings.norm_reward:
@@ -399,7 +377,8 @@ def train_ppo(
             "command": command,
             "recipe": settings_dict(settings),
         }
-        save_policy(out / "policy", net, **info)
+        knobs = venv.get_attr("knobs", indices=[0])[0]
+        save_policy(out / "policy", net, knobs=knobs, **info)
         tracker.log_policy(out / "policy")
         tracker.summary(
             {

@@ -26,34 +26,21 @@ import torch
 from rlhpo.agents.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     unflatten_optimizer_state,
 )
-from rlhpo.agents.envs import make_env
+from rlhpo.agents.envs import EnvSettings, make_env
 from rlhpo.agents.episodes import EpisodeTracer
 from rlhpo.agents.ppo import COMPUTE_NOTE
 from rlhpo.agents.progress import TrainingProgress
 from rlhpo.agents.recipe import build_settings, settings_dict
 from rlhpo.policy import PolicyNet, save_policy
-from rlhpo.runtime import limit_threads
 
 
 @dataclass
-class ReinforceSettings:
+class ReinforceSettings(EnvSettings):
     """REINFORCE recipe (``rlhpo/recipes/reinforce.toml``); override any field with ``--set``."""
 
-    split: str = "train"
-    """Suite split to train on; never ``test``."""
-    tasks: tuple[str, ...] = ()
-    """Restrict training to these tasks of the split (empty: all of them)."""
-    budget_scale: float = 1.0
-    """Multiply every task's sample budget (tiny values for tests)."""
-    compute_penalty: float = 0.1
-    """Env's charge for optimizer steps above the default batch size's (see HPOEnv)."""
-    freeze: tuple[str, ...] = ()
-    """Knobs the policy may not change (ablations)."""
     learning_rate: float = 1e-2
     """Adam learning rate of the policy."""
     episodes_per_batch: int = 4
@@ -92,7 +79,6 @@ def train_reinforce(
     """Train for ``timesteps`` env steps in all (counting resumed ones); save ``out/policy``."""
     from rlhpo.tracking import Tracker
 
-    limit_threads()
     out = Path(out)
     ckpt = None
     if resume:
@@ -106,23 +92,21 @@ def train_reinforce(
     s = settings
     if timesteps < 1:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-    if s.split == "test":
-        raise ValueError("split must not be 'test': test tasks are never used to train a policy")
     if s.episodes_per_batch < 1:
         raise ValueError(f"episodes_per_batch must be >= 1, got {s.episodes_per_batch}")
 
     # --- setup: seeding, env, policy, optimizer ---------------------------------
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    env = make_env(
-        suite=suite,
-        split=s.split,
-        tasks=s.tasks,
-        budget_scale=s.budget_scale,
-        compute_penalty=s.compute_penalty,
-        freeze=s.freeze,
-    )
-    net = PolicyNet(hidden=tuple(s.hidden), activation="tanh")
+    # Local generators only: the user's global RNGs are left as they are.
+    env = make_env(s.env_config(suite))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = PolicyNet(
+            obs_dim=env.observation_space.shape[0],
+            nvec=tuple(int(n) for n in env.action_space.nvec),
+            hidden=tuple(s.hidden),
+            activation="tanh",
+        )
+    sampler = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=s.learning_rate)
     baseline: dict[str, list[float | None]] = {}  # task -> running return-to-go per step
     tracer = EpisodeTracer(1, window=s.log_window)
@@ -137,7 +121,8 @@ def train_reinforce(
         tracer.load_state(meta["episodes"])
         global_step, updates = int(meta["timesteps"]), int(meta["updates"])
         wall_before, resumes = float(meta["wall_time"]), int(meta.get("resumes", 0)) + 1
-        set_rng_state(tensors, meta["rng"])
+        if "rng/sampler" in tensors:
+            sampler.set_state(tensors["rng/sampler"])
         # The episode in flight at the kill is lost: start a fresh one.
         reset_seed = seed + global_step
 
@@ -161,7 +146,7 @@ def train_reinforce(
         nonlocal last_ckpt
         tensors = {f"policy/{k}": v for k, v in net.state_dict().items()}
         opt_t, opt_meta = flatten_optimizer_state(optimizer.state_dict(), "optim")
-        rng_t, rng_meta = rng_state()
+        rng_t, rng_meta = {"rng/sampler": sampler.get_state()}, {}
         meta = {
             "agent": "reinforce",
             "suite": suite,
@@ -197,7 +182,13 @@ def train_reinforce(
                     done = False
                     while not done:
                         dists = net.distributions(torch.as_tensor(obs).unsqueeze(0))
-                        action = torch.stack([d.sample() for d in dists], -1)
+                        action = torch.stack(
+                            [
+                                torch.multinomial(d.probs, 1, generator=sampler).squeeze(-1)
+                                for d in dists
+                            ],
+                            -1,
+                        )
                         ep_logp.append(
                             sum(
                                 d.log_prob(a) for d, a in zip(dists, action.unbind(-1), strict=True)
@@ -284,6 +275,7 @@ def train_reinforce(
                 "compute_penalty": s.compute_penalty,
                 "budget_scale": s.budget_scale,
                 "freeze": list(s.freeze),
+                "lr_scale": list(s.lr_scale),
             },
             "freeze": list(s.freeze),
             "compute_charge": COMPUTE_NOTE,
@@ -291,7 +283,7 @@ def train_reinforce(
             "command": command,
             "recipe": settings_dict(s),
         }
-        save_policy(out / "policy", net, **info)
+        save_policy(out / "policy", net, knobs=env.unwrapped.knobs, **info)
         tracker.log_policy(out / "policy")
         tracker.summary(
             {

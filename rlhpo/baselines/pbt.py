@@ -112,16 +112,18 @@ def _member_class():
 
         def setup(self, config: dict[str, Any], spec: TaskSpec = None, seed: int = 0) -> None:
             from rlhpo.runtime import limit_threads
+            from rlhpo.safety import DivergenceRule
 
-            limit_threads()
+            limit_threads()  # a Ray worker process: one torch thread (rlhpo.runtime)
             self.spec, self.seed = spec, seed
+            self.guard = DivergenceRule()
             self._build(config)
 
         def _build(self, config: dict[str, Any]) -> None:
             from rlhpo.observation import normalised_score
             from rlhpo.trainees import build_trainee
 
-            hp = {k: config[k] for k in ("lr", "batch_size", "dropout")}
+            hp = {k: config[k] for k in self.spec.space.names}
             self.trainee = build_trainee(
                 self.spec, hp, seed=trial_seed(self.seed, int(config["member"]))
             )
@@ -137,15 +139,20 @@ def _member_class():
             n = max(0, min(spec.interval_samples, spec.budget_samples - done_before))
             samples = steps = 0
             seconds = 0.0
+            st = None
             if not self.diverged and n > 0:
                 st = tr.train(n)
                 samples, steps, seconds = st.samples, st.steps, st.seconds
-                bad = st.diverged or not math.isfinite(st.train_loss)
-                self.diverged = bad or st.train_loss > 10.0 * max(self.ref_loss, 1e-8)
             t0 = time.perf_counter()
             ev = tr.evaluate("val")
             seconds += time.perf_counter() - t0
-            self.diverged = self.diverged or not math.isfinite(ev["loss"])
+            if st is not None:
+                reason = self.guard.check(
+                    self.ref_loss, st.train_loss, ev["loss"], stopped=st.diverged
+                )
+                self.diverged = reason is not None
+            else:
+                self.diverged = self.diverged or not math.isfinite(ev["loss"])
             out = {
                 "norm_val_score": 0.0 if self.diverged else self.norm(ev["score"]),
                 "val_score": ev["score"] if math.isfinite(ev["score"]) else None,
@@ -177,7 +184,7 @@ def _member_class():
             self.trainee.restore(st["snap"])
             self.diverged = bool(st["diverged"])
             # The exploited weights continue with this member's (perturbed) knobs.
-            self.trainee.set_hp(**{k: self.config[k] for k in ("lr", "batch_size", "dropout")})
+            self.trainee.set_hp(**{k: self.config[k] for k in self.spec.space.names})
 
         def reset_config(self, new_config: dict[str, Any]) -> bool:
             # A reused actor may host another member next: start from scratch; a
@@ -233,18 +240,16 @@ def run_pbt(
     iters = n_intervals(spec)
     every = perturbation_interval or max(1, iters // 5)
     sp = spec.space
-    mutations = {
-        "lr": tune.loguniform(sp.lr[0], sp.lr[1]),
-        "batch_size": list(sp.batch_sizes),
-        "dropout": tune.uniform(sp.dropout[0], sp.dropout[1]),
-    }
+    mutations = sp.tune_mutations(tune)
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration",
         perturbation_interval=every,
         hyperparam_mutations=mutations,
         synch=True,
     )
-    # PBT's explore step draws from Python's and NumPy's global generators.
+    # PBT's explore step draws from Python's and NumPy's global generators: seed
+    # them for the run and give the caller's states back afterwards.
+    outer_random, outer_np = random.getstate(), np.random.get_state()
     random.seed(seed)
     np.random.seed(seed % (2**32))
     tmp = Path(tempfile.mkdtemp(prefix="rlhpo-pbt-", dir=storage_dir))
@@ -255,8 +260,7 @@ def run_pbt(
             tune.with_parameters(_member_class(), spec=spec, seed=seed),
             param_space={
                 "member": tune.grid_search(list(range(population))),
-                **mutations,
-                "batch_size": tune.choice(list(sp.batch_sizes)),
+                **sp.tune_initial(tune),
             },
             tune_config=tune.TuneConfig(
                 metric="norm_val_score",
@@ -297,9 +301,7 @@ def run_pbt(
                     "samples": int(r["training_iteration"]) * spec.interval_samples,
                     "norm_val_score": float(r["norm_val_score"]),
                     "val_score": _num(r.get("val_score")),
-                    "lr": float(r["hp_lr"]),
-                    "batch_size": int(r["hp_batch_size"]),
-                    "dropout": float(r["hp_dropout"]),
+                    **{k: r[f"hp_{k}"] for k in sp.names},
                     "diverged": bool(r["member_diverged"]),
                 }
                 for r in rows
@@ -311,12 +313,14 @@ def run_pbt(
                     val_score=_num(m.get("val_score")),
                     test_score=_num(m.get("test_score")),
                     test_norm=_num(m.get("test_norm")),
-                    hp={k: m[f"hp_{k}"] for k in ("lr", "batch_size", "dropout")},
+                    hp={k: m[f"hp_{k}"] for k in sp.names},
                     diverged=bool(m["member_diverged"]),
                     trace=trace,
                 )
             )
     finally:
+        random.setstate(outer_random)
+        np.random.set_state(outer_np)
         shutil.rmtree(tmp, ignore_errors=True)
         if started:
             ray.shutdown()

@@ -4,9 +4,9 @@ optional controller change the knobs, train one interval, evaluate on validation
 
 Static runs, schedules, the plateau controller and every Optuna trial go through
 :func:`run_single`, so all of them share the env's interval structure, its
-divergence rule (a non-finite loss, or a training loss above ``explode_factor`` x
-the first validation loss, ends the run with the score counted as chance) and its
-cost accounting (samples, optimizer steps, wall time).
+divergence rule (:class:`rlhpo.safety.DivergenceRule`: a divergence ends the run
+with the score counted as chance) and its cost accounting (samples, optimizer
+steps, wall time).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rlhpo.observation import MetricHistory, Record, normalised_score
-from rlhpo.runtime import limit_threads
+from rlhpo.safety import EXPLODE_FACTOR, DivergenceRule
 from rlhpo.tasks.datasets import load_data
 from rlhpo.tasks.spec import TaskSpec
 from rlhpo.trainees import SchedulerFactory, Trainee, build_trainee
@@ -83,9 +83,7 @@ def trace_row(
         "norm_val_score": rec.val_score,
         "val_loss": rec.val_loss,
         "train_loss": rec.train_loss,
-        "lr": rec.hp["lr"],
-        "batch_size": rec.hp["batch_size"],
-        "dropout": rec.hp["dropout"],
+        **rec.hp,
         "diverged": diverged,
     }
 
@@ -97,7 +95,7 @@ def run_single(
     *,
     controller: IntervalController | None = None,
     scheduler: SchedulerFactory | None = None,
-    explode_factor: float = 10.0,
+    explode_factor: float = EXPLODE_FACTOR,
     on_interval: Callable[[int, Record, Trainee], None] | None = None,
     evaluate_test: bool = True,
     build: Callable[[TaskSpec, dict[str, Any], int, SchedulerFactory | None], Trainee]
@@ -111,7 +109,7 @@ def run_single(
     end, outside the timed part, for reporting only. ``build(spec, hp, seed,
     scheduler)`` replaces :func:`build_trainee` (another optimizer, for example).
     """
-    limit_threads()
+    guard = DivergenceRule(explode_factor)
     preload(spec)
     t0 = time.perf_counter()
     if build is None:
@@ -142,10 +140,8 @@ def run_single(
         stats = tr.train(n)
         interval += 1
         loss = stats.train_loss
-        diverged = stats.diverged or not math.isfinite(loss)
-        diverged = diverged or loss > explode_factor * max(ref_loss, 1e-8)
         ev = tr.evaluate("val")
-        diverged = diverged or not math.isfinite(ev["loss"])
+        diverged = guard.check(ref_loss, loss, ev["loss"], stopped=stats.diverged) is not None
         rec = history.record(
             val_loss=ev["loss"] if math.isfinite(ev["loss"]) else 1e6,
             val_score=0.0 if diverged else norm(ev["score"]),

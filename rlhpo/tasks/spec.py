@@ -18,7 +18,7 @@ from typing import Any
 
 import tomllib
 
-from rlhpo.knobs import SearchSpace
+from rlhpo.knobs import ALL_KNOBS, KNOBS, REGISTRY, SearchSpace
 
 DATASETS = (
     "mnist1d",
@@ -76,7 +76,7 @@ _TASK_KEYS = {
     "family",
     "weight_decay",
 }
-_SPACE_KEYS = {"lr", "batch_size", "dropout"}
+_SPACE_KEYS = set(ALL_KNOBS)
 _SUITE_KEYS = {"name", "description", "train", "test", "defaults", "tasks", "seed", "families"}
 
 
@@ -84,13 +84,9 @@ class SpecError(ValueError):
     """A task or suite file breaks a rule; the message names file, key and value."""
 
 
-@dataclass(frozen=True)
-class StartDistribution:
-    """Where episodes start: lr log-uniform, batch size from a list, dropout uniform."""
-
-    lr: tuple[float, float]
-    batch_size: tuple[int, ...]
-    dropout: tuple[float, float]
+class StartDistribution(SearchSpace):
+    """Where episodes start: bounds per knob inside the task's space, drawn as each
+    knob declares (lr log-uniform, batch size from a list, dropout uniform)."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +376,56 @@ def _batch_list(src: str, raw: dict, key: str, prefix: str) -> tuple[int, ...]:
     return tuple(v)
 
 
+def _parse_knobs(
+    src: str, raw: dict[str, Any], p: str
+) -> tuple[SearchSpace, StartDistribution, dict[str, Any]]:
+    """The ``space``, ``start`` and ``default`` tables, for the knobs the space names
+    (the required ones always; opt-in ones such as weight_decay when named)."""
+    sp = _get(src, raw, "space", dict, p)
+    _check_keys(src, f"{p}space.", sp, _SPACE_KEYS)
+    names = [k for k in REGISTRY if k in KNOBS or k in sp]
+
+    def parse(table: dict, k: str, prefix: str, lo: float, hi: float) -> tuple:
+        knob = REGISTRY[k]
+        if knob.kind == "choice":
+            return _batch_list(src, table, k, prefix)
+        return _range(src, table, k, prefix, lo, hi, log=knob.log)
+
+    bounds = {k: parse(sp, k, f"{p}space.", *REGISTRY[k].limits) for k in names}
+    space = SearchSpace(bounds)
+
+    df = _get(src, raw, "default", dict, p)
+    _check_keys(src, f"{p}default.", df, set(names))
+    default = {
+        k: _get(src, df, k, int if REGISTRY[k].kind == "choice" else float, f"{p}default.")
+        for k in names
+    }
+    for k, v in default.items():
+        if not space.contains(k, v):
+            raise SpecError(
+                f"{src}: key '{p}default.{k}' = {v!r} lies outside the space {space.describe(k)}"
+            )
+
+    st = _get(src, raw, "start", dict, p)
+    _check_keys(src, f"{p}start.", st, set(names))
+    sb = {}
+    for k in names:
+        b = bounds[k]
+        if k not in KNOBS and k not in st:
+            # An opt-in knob without a start range starts at its default.
+            sb[k] = (default[k],) if REGISTRY[k].kind == "choice" else (default[k], default[k])
+        elif REGISTRY[k].kind == "choice":
+            sb[k] = parse(st, k, f"{p}start.", 0, 0)
+            for v in sb[k]:
+                if v not in b:
+                    raise SpecError(
+                        f"{src}: key '{p}start.{k}' holds {v!r}, not in space {list(b)!r}"
+                    )
+        else:
+            sb[k] = parse(st, k, f"{p}start.", b[0], b[1])
+    return space, StartDistribution(sb), default
+
+
 def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
     """Validate one task table (after defaults were merged in)."""
     p = f"tasks.{name}."
@@ -438,37 +484,7 @@ def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
             raise SpecError(f"{src}: key '{p}{k}' must be in (0, 0.5), got {v!r}")
         fractions[k] = v
 
-    sp = _get(src, raw, "space", dict, p)
-    _check_keys(src, f"{p}space.", sp, _SPACE_KEYS)
-    lr = _range(src, sp, "lr", f"{p}space.", 1e-8, 10.0, log=True)
-    bs = _batch_list(src, sp, "batch_size", f"{p}space.")
-    do = _range(src, sp, "dropout", f"{p}space.", 0.0, 0.95)
-    space = SearchSpace(lr=lr, batch_sizes=bs, dropout=do)
-
-    st = _get(src, raw, "start", dict, p)
-    _check_keys(src, f"{p}start.", st, _SPACE_KEYS)
-    s_lr = _range(src, st, "lr", f"{p}start.", lr[0], lr[1], log=True)
-    s_bs = _batch_list(src, st, "batch_size", f"{p}start.")
-    for b in s_bs:
-        if b not in bs:
-            raise SpecError(
-                f"{src}: key '{p}start.batch_size' holds {b!r}, not in space {list(bs)!r}"
-            )
-    s_do = _range(src, st, "dropout", f"{p}start.", do[0], do[1])
-    start = StartDistribution(lr=s_lr, batch_size=s_bs, dropout=s_do)
-
-    df = _get(src, raw, "default", dict, p)
-    _check_keys(src, f"{p}default.", df, _SPACE_KEYS)
-    default = {
-        "lr": _get(src, df, "lr", float, f"{p}default."),
-        "batch_size": _get(src, df, "batch_size", int, f"{p}default."),
-        "dropout": _get(src, df, "dropout", float, f"{p}default."),
-    }
-    for k, v in default.items():
-        if not space.contains(k, v):
-            raise SpecError(
-                f"{src}: key '{p}default.{k}' = {v!r} lies outside the space {space.describe(k)}"
-            )
+    space, start, default = _parse_knobs(src, raw, p)
 
     dargs = _get(src, raw, "dataset_args", dict, p, required=False) or {}
     margs = _get(src, raw, "model_args", dict, p, required=False) or {}

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhpo.knobs import DROPOUT
 from rlhpo.tasks.datasets import TaskData, load_data
 from rlhpo.tasks.models import build_model
 from rlhpo.tasks.spec import TaskSpec
@@ -57,7 +58,7 @@ def build_trainee(
     from ``seed``, and the starting hyperparameters ``hp`` (the task default if None)."""
     data = task_data(spec)
     hp = dict(spec.default if hp is None else {**spec.default, **hp})
-    model = init_model(spec, data, hp["dropout"], seed)
+    model = init_model(spec, data, hp[DROPOUT.name], seed)
     return Trainee(
         model,
         data,

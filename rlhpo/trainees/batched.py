@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhpo.knobs import KNOBS, check_knob
+from rlhpo.knobs import DROPOUT, KNOBS
 from rlhpo.tasks.models import build_model
 from rlhpo.tasks.spec import TaskSpec
 from rlhpo.trainees import init_model, task_data
@@ -71,6 +71,9 @@ Tensor = torch.Tensor
 
 BATCHED_MODELS = ("mlp", "cnn1d")
 BATCHED_OPTIMIZERS = ("adam", "adamw", "sgd")
+# The knobs this backend's own optimizer and dropout implement (the required ones);
+# a space with opt-in knobs trains one model per env.
+BATCHED_KNOBS = KNOBS
 # Elements of a chunk's widest layer output (1 MiB of float32). Smaller chunks keep
 # the working set in L2 but pay per-op overhead on fewer models; measured best
 # among 64K..4M on the MNIST-1D MLP and CNN (experiments/throughput.py --chunks).
@@ -88,6 +91,7 @@ def supports_stacked(spec: TaskSpec) -> bool:
         spec.model in BATCHED_MODELS
         and spec.optimizer in BATCHED_OPTIMIZERS
         and spec.weight_decay is None
+        and set(spec.space.names) <= set(BATCHED_KNOBS)
     )
 
 
@@ -113,14 +117,15 @@ class BatchedRun:
         self.seed = int(seed)
         spec = group.spec
         hp = spec.space.clip_all({**spec.default, **hp})
-        model = init_model(spec, group.data, hp["dropout"], seed)
+        model = init_model(spec, group.data, hp[DROPOUT.name], seed)
         self.params = group.net.params_of(model)
         self.state = [torch.zeros_like(p) for p in self.params]  # exp_avg / momentum
         self.state2 = [torch.zeros_like(p) for p in self.params] if group.optimizer != "sgd" else []
         self.step = 0
-        self.lr = float(hp["lr"])
-        self.batch_size = int(hp["batch_size"])
-        self.dropout = float(hp["dropout"])
+        # One attribute per knob (lr, batch_size, dropout): the chunk optimizer and
+        # the dropout masks read them.
+        for k, v in hp.items():
+            setattr(self, k, v)
         self.order = SampleOrder(group.data.n_train, seed)
         if group.exact:
             self.dropout_rng: Any = torch.Generator().manual_seed(self.seed + DROPOUT_SEED_OFFSET)
@@ -146,19 +151,12 @@ class BatchedRun:
 
     @property
     def hp(self) -> dict[str, Any]:
-        return {"lr": self.lr, "batch_size": self.batch_size, "dropout": self.dropout}
+        return {k: getattr(self, k) for k in self.space.names}
 
     def set_hp(self, **values: Any) -> dict[str, Any]:
         """Apply knob values, clipped to the space (as ``Trainee.set_hp``)."""
         for k, v in values.items():
-            check_knob(k)
-            v = self.space.clip(k, v)
-            if k == "lr":
-                self.lr = float(v)
-            elif k == "batch_size":
-                self.batch_size = int(v)
-            else:
-                self.dropout = float(v)
+            setattr(self, k, self.space.clip(k, v))
         return self.hp
 
     def train(self, samples: int) -> IntervalStats:
@@ -231,9 +229,11 @@ class BatchedTrainee:
         """A new run: hyperparameters ``hp`` (the task default for missing knobs,
         clipped to the space), initialised and ordered by ``seed``."""
         if hp:
-            unknown = set(hp) - set(KNOBS)
+            unknown = set(hp) - set(self.spec.space.names)
             if unknown:
-                raise ValueError(f"unknown knobs {sorted(unknown)}; knobs are {KNOBS}")
+                raise ValueError(
+                    f"unknown knobs {sorted(unknown)}; knobs are {self.spec.space.names}"
+                )
         run = BatchedRun(self, dict(hp or {}), seed)
         self.runs.add(run)
         return run

@@ -18,14 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhpo.knobs import (
-    SearchSpace,
-    check_knob,
-    get_dropout,
-    get_learning_rate,
-    set_dropout,
-    set_learning_rate,
-)
+from rlhpo.knobs import LR, LiveRun, SearchSpace
 
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -119,7 +112,7 @@ class Trainee:
         data: train/val/test tensors (``rlhpo.tasks.datasets.TaskData`` or alike).
         metric: ``"accuracy"`` (cross-entropy loss) or ``"r2"`` (MSE loss).
         space: bounds every knob is clipped to.
-        hp: starting ``lr``, ``batch_size``, ``dropout``.
+        hp: starting value of every knob of the space (``lr``, ``batch_size``, ...).
         optimizer: ``adam``, ``adamw`` or ``sgd``.
         weight_decay: the optimizer's weight decay (None: AdamW 0.01, the others 0).
         seed: seeds data order and dropout masks (the model is built by the caller).
@@ -145,10 +138,14 @@ class Trainee:
         self.metric = metric
         self.space = space
         hp = space.clip_all(hp)
-        self.optimizer = make_optimizer(optimizer, model.parameters(), hp["lr"], weight_decay)
+        self.optimizer = make_optimizer(optimizer, model.parameters(), hp[LR.name], weight_decay)
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
-        self.batch_size = int(hp["batch_size"])
-        set_dropout(model, hp["dropout"])
+        self.batch_size = 0
+        self.live = LiveRun(
+            self.optimizer, self.scheduler, model, self._get_batch_size, self._set_batch_size
+        )
+        # The optimizer was built with the lr (a scheduler may already have moved it).
+        space.write(self.live, hp, skip=(LR.name,))
         self.loss_fn: Callable = nn.CrossEntropyLoss() if metric == "accuracy" else _mse
         self._order = SampleOrder(data.n_train, seed)
         with torch.random.fork_rng(devices=[]):
@@ -159,25 +156,20 @@ class Trainee:
         self.wall_time = 0.0
 
     # -- knobs -------------------------------------------------------------
+    def _get_batch_size(self) -> int:
+        return self.batch_size
+
+    def _set_batch_size(self, b: int) -> int:
+        self.batch_size = int(b)
+        return self.batch_size
+
     @property
     def hp(self) -> dict[str, Any]:
-        return {
-            "lr": get_learning_rate(self.optimizer),
-            "batch_size": self.batch_size,
-            "dropout": get_dropout(self.model),
-        }
+        return {k.name: k.read(self.live) for k in self.space.knobs}
 
     def set_hp(self, **values: Any) -> dict[str, Any]:
         """Apply knob values to the live run, clipped to the space. Returns the new hp."""
-        for k, v in values.items():
-            check_knob(k)
-            v = self.space.clip(k, v)
-            if k == "lr":
-                set_learning_rate(self.optimizer, v, self.scheduler)
-            elif k == "batch_size":
-                self.batch_size = int(v)
-            else:
-                set_dropout(self.model, v)
+        self.space.write(self.live, values)
         return self.hp
 
     # -- training ----------------------------------------------------------
@@ -248,8 +240,7 @@ class Trainee:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "batch_size": self.batch_size,
-                "dropout": get_dropout(self.model),
+                "hp": self.hp,
                 **self._order.state(),
                 "torch_state": self._torch_state,
             }
@@ -262,8 +253,8 @@ class Trainee:
         self.optimizer.load_state_dict(snap["optimizer"])
         if self.scheduler is not None and snap["scheduler"] is not None:
             self.scheduler.load_state_dict(snap["scheduler"])
-        self.batch_size = snap["batch_size"]
-        set_dropout(self.model, snap["dropout"])
+        # The optimizer's state holds its knobs (lr, ...); the others are written back.
+        self.space.write(self.live, snap["hp"], skip=(LR.name,))
         self._order.set_state(snap)
         self._torch_state = snap["torch_state"]
 

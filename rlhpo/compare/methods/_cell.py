@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhpo.compare.methods._base import CellRun, Method, MethodError
+
+# Starting hyperparameters of single-run methods: the one registry of named starts.
+from rlhpo.starts import NAMED_STARTS as STARTS
+from rlhpo.starts import start_hp as named_start_hp
 from rlhpo.tasks.spec import TaskSpec
 
-# Starting hyperparameters of single-run methods: the task default with these changes.
-STARTS: dict[str, dict[str, float]] = {
-    "default": {},
-    "low-lr": {"lr": 1e-5},
-    "high-lr": {"lr": 1e-1},
-}
 ANY_START = "any"
 
 
@@ -26,7 +24,7 @@ def start_hp(spec: TaskSpec, start: str) -> dict[str, Any]:
     """The starting hyperparameters called ``start`` for ``spec``."""
     if start not in STARTS:
         raise MethodError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
-    return spec.space.clip_all({**spec.default, **STARTS[start]})
+    return named_start_hp(spec, start)
 
 
 def parse_starts(text: str) -> list[str]:
