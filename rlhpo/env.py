@@ -13,7 +13,7 @@ from gymnasium import spaces
 from rlhpo.actions import ActionCodec
 from rlhpo.knobs import BATCH_SIZE, LR, check_knob
 from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
-from rlhpo.safety import EXPLODE_FACTOR, DivergenceRule
+from rlhpo.safety import EXPLODE_FACTOR, CollapseRule, DivergenceRule
 from rlhpo.starts import START_DRAWN, start_hp
 from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
 from rlhpo.trainees import Trainee, build_trainee
@@ -39,6 +39,7 @@ class EnvConfig:
     freeze: tuple[str, ...] = ()
     timing: bool = False
     lr_scale: tuple[float, float] = (1.0, 1.0)
+    collapse_k: float | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -65,6 +66,9 @@ class EnvConfig:
             raise ValueError(f"lr_scale must be (low, high) with low <= high, got {lr_scale!r}")
         put("lr_scale", lr_scale)
         put("timing", bool(self.timing))
+        if self.collapse_k is not None:
+            CollapseRule(float(self.collapse_k))  # checks it
+            put("collapse_k", float(self.collapse_k))
 
     @classmethod
     def of(cls, config: Any = None, **overrides: Any) -> EnvConfig:
@@ -151,12 +155,23 @@ class HPOEnv(gym.Env):
       sees). Domain randomisation: a task's best learning rate moves by ``c``, so a
       policy cannot memorise one schedule per task and has to read the run's response.
       ``(1, 1)`` (default) is off; the factor is in ``info["lr_scale"]``.
+    - ``collapse_k``: off (None, default) or the ``k`` of a
+      :class:`rlhpo.safety.CollapseRule`: when the validation score falls more than
+      ``k`` x its noise below its best, the run goes back to its best state, the
+      trained lr is capped at half the lr that produced it for the rest of the
+      episode, the step's score is the restored one, and ``info["collapse"]`` says
+      why. Needs runs that snapshot (not the batched backend).
     - ``timing``: add the run's training wall time (``wall_time``, seconds) to
       ``info``. Off by default so that ``info`` is deterministic under a seed;
       ``env.trainee.wall_time`` always has it.
 
     ## Version History
-    - v0: first version (ObservationEncoder v1, ActionCodec v1).
+    - v0: first version (ObservationEncoder v1, ActionCodec v1). Since the safety
+      rule was unified, a validation loss above ``explode_factor`` x the initial
+      loss also counts as divergence; no committed episode or comparison run rose
+      above 2.7x, so none of them changes, and the id stays v0. Spaces with opt-in
+      knobs add action dimensions and observation features; the three-knob space
+      is unchanged.
     """
 
     metadata = {"render_modes": []}
@@ -186,6 +201,9 @@ class HPOEnv(gym.Env):
         self.divergence_penalty = cfg.divergence_penalty
         self.explode_factor = cfg.explode_factor
         self.guard = DivergenceRule(cfg.explode_factor)
+        self.collapse = CollapseRule(cfg.collapse_k) if cfg.collapse_k is not None else None
+        self._best: dict[str, Any] | None = None
+        self._lr_cap: float | None = None
         self.freeze = cfg.freeze
         self.timing = cfg.timing
         codec = ActionCodec(specs[0].space, freeze=self.freeze)
@@ -237,6 +255,12 @@ class HPOEnv(gym.Env):
         self.static_steps = 0
         ev = self.trainee.evaluate()
         self._ref_loss = ev["loss"]
+        self._best, self._lr_cap = None, None
+        if self.collapse is not None and not hasattr(self.trainee, "snapshot"):
+            raise ValueError(
+                "collapse_k needs runs that can be snapshotted; the batched backend's "
+                "cannot (use backend 'dummy' or 'subproc')"
+            )
         self.history.record(
             val_loss=ev["loss"],
             val_score=self._norm(ev["score"]),
@@ -291,7 +315,10 @@ class HPOEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         task, tr = self.spec_task, self.trainee
         hp = self.codec.decode(action, self.hp)
-        tr.set_hp(**{**hp, LR.name: hp[LR.name] * self._lr_c})
+        lr = hp[LR.name] * self._lr_c
+        if self._lr_cap is not None:
+            lr = min(lr, self._lr_cap)
+        tr.set_hp(**{**hp, LR.name: lr})
         return min(task.interval_samples, task.budget_samples - tr.samples_seen)
 
     def _end_step(self, stats, ev: dict[str, float]):
@@ -315,6 +342,12 @@ class HPOEnv(gym.Env):
         else:
             score = self._norm(ev["score"])
             reward = score - prev_score - charge
+        collapse = None
+        if self.collapse is not None and not diverged:
+            collapse = self._watch_collapse(score, ev)
+            if collapse is not None:
+                score, ev = self._best["score"], dict(self._best["ev"])
+                reward = score - prev_score - charge
         self.history.record(
             val_loss=ev["loss"] if math.isfinite(ev["loss"]) else 1e6,
             val_score=score,
@@ -326,7 +359,28 @@ class HPOEnv(gym.Env):
         obs = self.encoder.encode(self.history)
         info = self._info(ev, stats, diverged=diverged)
         info["compute_charge"] = charge
+        if collapse is not None:
+            info["collapse"] = collapse
         return obs, float(reward), bool(terminated), False, info
+
+    def _watch_collapse(self, score: float, ev: dict[str, float]) -> str | None:
+        """Keep the best state; on a collapse restore it and cap the lr. Returns why."""
+        tr = self.trainee
+        scores = [r.val_score for r in self.history.records] + [score]
+        why = self.collapse.check(scores, int(tr.data.y_val.shape[0]), self.n_classes)
+        if why is not None and self._best is not None:
+            tr.restore(self._best["snap"])
+            self._lr_cap = self._best["lr_at_best"] * self.collapse.lr_cap
+            tr.set_hp(**{LR.name: min(tr.hp[LR.name], self._lr_cap)})
+            return why
+        if self._best is None or score > self._best["score"]:
+            self._best = {
+                "snap": tr.snapshot(),
+                "score": score,
+                "lr_at_best": tr.hp[LR.name],
+                "ev": dict(ev),
+            }
+        return None
 
     def _info(self, ev: dict[str, float], stats, diverged: bool) -> dict[str, Any]:
         tr, task = self.trainee, self.spec_task

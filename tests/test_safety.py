@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from rlhpo.actions import ActionCodec
 from rlhpo.controller import Controller
 from rlhpo.safety import EXPLODE_FACTOR, CollapseRule, DivergenceRule, score_noise
 from tests.test_controller import forced_policy
@@ -156,3 +157,33 @@ def test_lr_clipping_to_the_policy_space_warns_once(tmp_path, caplog):
     warnings = [r for r in caplog.records if "clipped" in r.message or "outside" in r.message]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     assert np.isclose(ctl.hp["lr"], 0.1)
+
+
+def test_env_collapse_guard_is_off_by_default_and_restores_the_best_state(write_suite):
+    from rlhpo.env import HPOEnv
+
+    kw = dict(tasks=["a"], budget_scale=1.0)
+    path = write_suite()
+    assert HPOEnv(path, **kw).collapse is None
+    env = HPOEnv(path, collapse_k=3.0, **kw)
+    env.reset(seed=0, options={"start": "default"})
+    env.step(ActionCodec.NOOP)
+    best = env._best
+    assert best is not None
+    # Make the next interval collapse: a huge lr on a plain run wrecks the score.
+    real_train = env.trainee.train
+
+    def wreck(n):
+        with torch.no_grad():
+            for p in env.trainee.model.parameters():
+                p.mul_(0.0)
+        return real_train(n)
+
+    env.trainee.train = wreck
+    obs, r, term, trunc, info = env.step(ActionCodec.NOOP)
+    assert "collapse" in info and "below its best" in info["collapse"]
+    assert info["val_norm_score"] == pytest.approx(best["score"])
+    assert env._lr_cap == pytest.approx(best["lr_at_best"] * 0.5)
+    assert info["hp"]["lr"] <= env._lr_cap + 1e-12
+    with pytest.raises(ValueError, match="collapse k must be a finite number > 0, got -1"):
+        HPOEnv(path, collapse_k=-1.0, **kw)
