@@ -162,7 +162,7 @@ def test_policies_with_the_required_knobs_keep_their_shapes():
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    dirs = [p.parent for p in root.glob("agents/policies/*/manifest.json")]
+    dirs = [p.parent for p in root.glob("rlhpo/policies/*/manifest.json")]
     dirs += [p.parent for p in root.glob("experiments/transfer/policies/*/manifest.json")]
     assert len(dirs) >= 10
     for path in dirs:
