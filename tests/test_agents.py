@@ -50,7 +50,9 @@ def test_exported_policy_acts_like_sb3(tmp_path):
     from rlhpo.agents.ppo import _build_model, normalize
 
     s = tiny_ppo()
-    venv = normalize(make_vec_env(n_envs=2, seed=0, backend="dummy", timing=True, suite=V1, **TINY), s)
+    venv = normalize(
+        make_vec_env(n_envs=2, seed=0, backend="dummy", timing=True, suite=V1, **TINY), s
+    )
     model = _build_model(s, venv, seed=0)
     assert isinstance(model, PPO)
     model.learn(80)  # moves the weights and the VecNormalize statistics off their init
