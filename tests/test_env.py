@@ -176,4 +176,6 @@ def test_creating_envs_leaves_the_thread_setting_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "2"
-    assert rlhpo.runtime.limit_threads() == 1
+    from rlhpo.runtime import limit_threads
+
+    assert limit_threads() == 1
