@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 
-import rlhpo
 from rlhpo.actions import ActionCodec
 from rlhpo.env import ENV_ID, HPOEnv
 from tests.conftest import BASE_TASK
