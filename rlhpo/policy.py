@@ -269,16 +269,30 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
                 f"(retrain the policy or use the rlhpo version that wrote it: "
                 f"{_short(m.get('rlhpo_version'))})"
             )
-    arch = m["architecture"]
-    if not _is_int(arch.get("obs_dim")) or arch["obs_dim"] != ObservationEncoder.SIZE:
+    knobs = m.get("knobs", ["lr", "batch_size", "dropout"])
+    if isinstance(knobs, list):  # names, or objects with a name and more (bounds, ...)
+        knobs = [k.get("name") if isinstance(k, dict) else k for k in knobs]
+    if not isinstance(knobs, list) or not all(isinstance(k, str) for k in knobs):
         raise PolicyFileError(
-            f"{where}: architecture.obs_dim must be {ObservationEncoder.SIZE} for this rlhpo, "
+            f"{where}: knobs must be a list of knob names, got {_short(m.get('knobs'))}"
+        )
+    if len(knobs) > 16:
+        raise PolicyFileError(f"{where}: knobs must list at most 16 knobs, got {len(knobs)}")
+    try:  # the sizes below follow from the knobs the policy moves (opt-in knobs add some)
+        names = order_knobs(knobs)
+    except KnobError as e:
+        raise PolicyFileError(f"{where}: knobs: {e}") from e
+    obs_dim, want_nvec = ObservationEncoder.size_for(names), list(nvec_of(names))
+    arch = m["architecture"]
+    if not _is_int(arch.get("obs_dim")) or arch["obs_dim"] != obs_dim:
+        raise PolicyFileError(
+            f"{where}: architecture.obs_dim must be {obs_dim} for the knobs {list(names)}, "
             f"got {_short(arch.get('obs_dim'))}"
         )
     nvec = _int_list(f"{where}: architecture.nvec", arch.get("nvec"), 1, 256, 16, 1)
-    if tuple(nvec) != ActionCodec.NVEC:
+    if nvec != want_nvec:
         raise PolicyFileError(
-            f"{where}: architecture.nvec must be {list(ActionCodec.NVEC)} for this rlhpo, "
+            f"{where}: architecture.nvec must be {want_nvec} for the knobs {list(names)}, "
             f"got {nvec}"
         )
     _int_list(f"{where}: architecture.hidden", arch.get("hidden"), 1, MAX_WIDTH, MAX_HIDDEN_LAYERS)
@@ -304,13 +318,6 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
                 f"{where}: tensors[{_short(name)}].dtype must be one of {', '.join(_DTYPES)}, "
                 f"got {_short(t['dtype'])}"
             )
-    knobs = m.get("knobs", ["lr", "batch_size", "dropout"])
-    if isinstance(knobs, list):  # names, or objects with a name and more (bounds, ...)
-        knobs = [k.get("name") if isinstance(k, dict) else k for k in knobs]
-    if not isinstance(knobs, list) or not all(isinstance(k, str) for k in knobs):
-        raise PolicyFileError(
-            f"{where}: knobs must be a list of knob names, got {_short(m.get('knobs'))}"
-        )
     freeze = m.get("freeze", [])
     if not isinstance(freeze, list) or not all(isinstance(k, str) and k in knobs for k in freeze):
         raise PolicyFileError(

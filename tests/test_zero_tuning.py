@@ -36,7 +36,7 @@ def test_zero_tuning_cells_run_in_compare(tmp_path):
         starts=["default"],
         workers=1,
         use_wandb=False,
-        bootstrap_reps=50,
+        bootstrap_reps=100,
         plots=False,
     )
     res = run_comparison(cfg, show_progress=False)
