@@ -188,6 +188,7 @@ def apply_policy(
                 val_loss=ev["loss"],
                 val_score=ev["score"],
                 samples=tr.samples_seen,
+                batch_losses=st.batch_losses,
             )
             ctl_seconds += time.perf_counter() - t0
             interval += 1

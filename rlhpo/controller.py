@@ -29,7 +29,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,12 @@ from torch import nn
 
 from rlhpo.actions import ActionCodec
 from rlhpo.knobs import BATCH_SIZE, DROPOUT, LR, LiveRun, SearchSpace, get_learning_rate
-from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
+from rlhpo.observation import (
+    MetricHistory,
+    ObservationEncoder,
+    encoder_class,
+    normalised_score,
+)
 from rlhpo.policy import Policy, load_policy
 from rlhpo.safety import EXPLODE_FACTOR, CollapseRule, DivergenceRule
 
@@ -240,6 +245,8 @@ class Controller:
             collapse the best state is restored and the lr capped.
         n_val: validation samples behind ``val_score`` (scales the collapse
             rule's noise; without it the spread seen so far is used).
+        obs_version: the observation encoder the policy must have been trained with
+            (default: the one its manifest names); a mismatch is an error.
         apply: False computes decisions without changing anything (for measuring).
         seed: seeds action sampling when ``deterministic`` is False.
     """
@@ -265,6 +272,7 @@ class Controller:
         lr_backoff: float = 0.25,
         collapse: bool | CollapseRule = False,
         n_val: int | None = None,
+        obs_version: int | None = None,
         apply: bool = True,
         seed: int = 0,
     ):
@@ -315,7 +323,13 @@ class Controller:
             )
         knob_space = SearchSpace({k: self.space.bounds(k) for k in self.knobs})
         self.space = knob_space
-        self.encoder = ObservationEncoder(knob_space)
+        if obs_version is not None and obs_version != policy.obs_version:
+            raise ValueError(
+                f"obs_version={obs_version!r} needs a policy trained with observation "
+                f"encoder v{obs_version}; this policy was trained with v{policy.obs_version}"
+            )
+        self.encoder: ObservationEncoder = encoder_class(policy.obs_version)(knob_space)
+        self._batch_losses: list[float] = []
         self.codec = ActionCodec(knob_space, freeze=self.freeze)
         self.deterministic = bool(deterministic)
         self.rollback = bool(rollback)
@@ -447,6 +461,7 @@ class Controller:
         val_loss: float,
         val_score: float,
         samples: int,
+        batch_losses: Sequence[float] | None = None,
     ) -> Decision:
         """Report the interval just trained and get the hyperparameters for the next one.
 
@@ -455,6 +470,9 @@ class Controller:
             val_loss: validation loss now.
             val_score: the raw validation metric now (accuracy in [0, 1], or R^2).
             samples: training samples processed since the start of the run (cumulative).
+            batch_losses: the interval's per-batch training losses, in order (v2
+                policies read their trend and noise). Default: those reported with
+                :meth:`observe_loss` since the last step, if any.
         """
         if self.done:
             raise RuntimeError(
@@ -469,6 +487,9 @@ class Controller:
             )
         self.samples = int(samples)
         self.interval += 1
+        if batch_losses is None and self._batch_losses:
+            batch_losses = self._batch_losses
+        self._batch_losses = []
         self._refresh_lr()
         reason = self.guard.check(self._ref_loss, train_loss, val_loss)
         if reason is not None:
@@ -482,6 +503,7 @@ class Controller:
             train_loss=train_loss,
             hp=self.hp,
             budget_fraction=min(self.samples / self.budget_samples, 1.0),
+            batch_losses=batch_losses,
         )
         if self.collapse is not None:
             scores = [r.val_score for r in self.history.records]
@@ -494,6 +516,11 @@ class Controller:
             obs = self.encoder.encode(self.history)
             return Decision(dict(self.hp), self.interval, observation=obs, done=True)
         return self._decide()
+
+    def observe_loss(self, loss: float | torch.Tensor) -> None:
+        """Report one batch's training loss (a float or a 0-d tensor); :meth:`step`
+        uses the interval's losses for the within-interval slope and noise."""
+        self._batch_losses.append(float(loss))
 
     @property
     def observation(self) -> np.ndarray:

@@ -12,7 +12,12 @@ from gymnasium import spaces
 
 from rlhpo.actions import ActionCodec
 from rlhpo.knobs import BATCH_SIZE, LR, check_knob
-from rlhpo.observation import MetricHistory, ObservationEncoder, normalised_score
+from rlhpo.observation import (
+    MetricHistory,
+    ObservationEncoder,
+    encoder_class,
+    normalised_score,
+)
 from rlhpo.safety import EXPLODE_FACTOR, CollapseRule, DivergenceRule
 from rlhpo.starts import START_DRAWN, start_hp
 from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
@@ -40,6 +45,7 @@ class EnvConfig:
     timing: bool = False
     lr_scale: tuple[float, float] = (1.0, 1.0)
     collapse_k: float | None = None
+    obs_version: int = 1
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -69,6 +75,10 @@ class EnvConfig:
         if self.collapse_k is not None:
             CollapseRule(float(self.collapse_k))  # checks it
             put("collapse_k", float(self.collapse_k))
+        try:
+            encoder_class(self.obs_version)
+        except ValueError as e:
+            raise ValueError(f"obs_version: {e}") from None
 
     @classmethod
     def of(cls, config: Any = None, **overrides: Any) -> EnvConfig:
@@ -114,7 +124,8 @@ class HPOEnv(gym.Env):
     ## Observation Space
     ``Box(-10, 10, (16,), float32)`` from :class:`rlhpo.observation.ObservationEncoder`:
     budget used, hyperparameters relative to their bounds, normalised validation
-    score and its recent changes, loss ratios, train/val gap.
+    score and its recent changes, loss ratios, train/val gap. With ``obs_version=2``,
+    ``(21,)`` from :class:`rlhpo.observation.ObservationEncoderV2`.
 
     ## Rewards
     The change of the normalised validation score (0 = chance or mean predictor,
@@ -161,6 +172,10 @@ class HPOEnv(gym.Env):
       trained lr is capped at half the lr that produced it for the rest of the
       episode, the step's score is the restored one, and ``info["collapse"]`` says
       why. Needs runs that snapshot (not the batched backend).
+    - ``obs_version``: the observation encoder, 1 (default; every shipped policy)
+      or 2 (:class:`rlhpo.observation.ObservationEncoderV2`: lr relative to the
+      start, plus the run's response since the last lr change and the training
+      loss's slope and noise within the interval). Policies record it.
     - ``timing``: add the run's training wall time (``wall_time``, seconds) to
       ``info``. Off by default so that ``info`` is deterministic under a seed;
       ``env.trainee.wall_time`` always has it.
@@ -206,12 +221,13 @@ class HPOEnv(gym.Env):
         self._lr_cap: float | None = None
         self.freeze = cfg.freeze
         self.timing = cfg.timing
+        self.encoder_cls = encoder_class(cfg.obs_version)
         codec = ActionCodec(specs[0].space, freeze=self.freeze)
         self.action_space = spaces.MultiDiscrete(np.array(codec.nvec, dtype=np.int64))
         self.observation_space = spaces.Box(
             low=-10.0,
             high=10.0,
-            shape=(ObservationEncoder(specs[0].space).size,),
+            shape=(self.encoder_cls(specs[0].space).size,),
             dtype=np.float32,
         )
         self.encoder: ObservationEncoder | None = None
@@ -247,7 +263,7 @@ class HPOEnv(gym.Env):
         self.spec_task = task
         lr = LR.name
         self.trainee = self._make_trainee(task, {**start, lr: start[lr] * c}, run_seed)
-        self.encoder = ObservationEncoder(task.space)
+        self.encoder = self.encoder_cls(task.space)
         self.codec = ActionCodec(task.space, freeze=self.freeze)
         self.history = MetricHistory()
         self.n_classes = self.trainee.data.n_classes
@@ -354,6 +370,7 @@ class HPOEnv(gym.Env):
             train_loss=stats.train_loss if math.isfinite(stats.train_loss) else 1e6,
             hp=self.hp,
             budget_fraction=frac,
+            batch_losses=stats.batch_losses,
         )
         terminated = diverged or tr.samples_seen >= task.budget_samples
         obs = self.encoder.encode(self.history)

@@ -9,6 +9,7 @@ so a policy sees the same features in training and in use. Change a feature and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,10 @@ class Record:
     train_loss: float | None
     hp: dict[str, Any]
     budget_fraction: float
+    # The training loss's trend and noise within the interval (see loss_trend);
+    # None when the per-batch losses were not reported.
+    loss_slope: float | None = None
+    loss_noise: float | None = None
 
 
 @dataclass
@@ -60,13 +65,19 @@ class MetricHistory:
         train_loss: float | None,
         hp: dict[str, Any],
         budget_fraction: float,
+        batch_losses: Sequence[float] | None = None,
     ) -> Record:
+        """Append one interval's metrics; ``batch_losses`` (the interval's per-batch
+        training losses, in order) are summarised at once, never kept."""
+        slope, noise = loss_trend(batch_losses) if batch_losses is not None else (None, None)
         r = Record(
             float(val_loss),
             float(val_score),
             None if train_loss is None else float(train_loss),
             dict(hp),
             float(budget_fraction),
+            slope,
+            noise,
         )
         self.records.append(r)
         return r
@@ -84,6 +95,27 @@ class MetricHistory:
 
 
 _CLIP = 10.0
+
+
+def loss_trend(batch_losses: Sequence[float]) -> tuple[float | None, float | None]:
+    """Slope and noise of one interval's per-batch training losses, both scale-free.
+
+    ``slope``: least-squares slope of log loss against the position in the interval
+    (0 first batch, 1 last), so it is the change of log loss over the interval
+    whatever the number of batches. ``noise``: std of the fit's residuals in log
+    loss, a relative spread. ``(None, None)`` with fewer than 3 finite positive
+    losses (a fit needs them).
+    """
+    y = np.asarray([v for v in batch_losses if math.isfinite(v) and v > 0], dtype=np.float64)
+    n = y.size
+    if n < 3:
+        return None, None
+    y = np.log(y)
+    x = np.linspace(0.0, 1.0, n)
+    xc = x - x.mean()
+    slope = float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))
+    resid = y - y.mean() - slope * xc
+    return slope, float(np.sqrt(np.dot(resid, resid) / (n - 2)))
 
 
 def _log_ratio(a: float | None, b: float | None) -> float:
@@ -179,3 +211,83 @@ class ObservationEncoder:
     @property
     def high(self) -> float:
         return _CLIP
+
+
+def _last_lr_change(recs: list[Record]) -> int:
+    """Index of the record just before the run's lr last changed (0 if it never did):
+    the state the current lr started from."""
+    lr = LR.name
+    for j in range(len(recs) - 1, 0, -1):
+        if recs[j].hp[lr] != recs[j - 1].hp[lr]:
+            return j - 1
+    return 0
+
+
+class ObservationEncoderV2(ObservationEncoder):
+    """Version 2: v1's features, but the lr relative to the run's start instead of its
+    position in the space, plus features of how the run responds.
+
+    Why the lr changes: a v1 policy sees where the lr sits between the space's bounds,
+    so it can learn "go to 1e-2" whatever the run does. v2 sees only how far the lr
+    moved from where the run started (and, as in v1, its last change), so reacting to
+    the response is the only way to tell a good lr from a bad one. No feature names
+    an absolute scale, so none identifies the task.
+
+    ====  ======================================================================
+    0     budget fraction used
+    1     log2(lr / the run's start lr) / 4
+    2-3   batch size, dropout: position within the space, mapped to [-1, 1]
+    4-15  as v1
+    16    x10 change of the validation score since the last lr change
+    17    log(train loss / train loss when the lr last changed)
+    18    budget fraction since the last lr change
+    19    x5 slope of log training loss within the last interval (per-batch losses)
+    20    x10 noise of log training loss within the last interval (std of residuals)
+    21+   the space's opt-in knobs, as 2-3
+    ====  ======================================================================
+
+    "When the lr last changed" is the record before the first interval trained at the
+    current lr (the start if it never changed). 19-20 are 0 where the per-batch losses
+    were not reported (see :func:`loss_trend`).
+    """
+
+    VERSION = 2
+    SIZE = 21
+
+    def encode(self, history: MetricHistory) -> np.ndarray:
+        base = super().encode(history).astype(np.float64)
+        recs = history.records
+        cur = recs[-1]
+        lr = LR.name
+        ref = recs[_last_lr_change(recs)]
+        tl = cur.train_loss if cur.train_loss is not None else cur.val_loss
+        rtl = ref.train_loss if ref.train_loss is not None else ref.val_loss
+        lr_rel = math.log2(cur.hp[lr] / recs[0].hp[lr]) / 4 if recs[0].hp[lr] > 0 else 0.0
+        response = [
+            10 * (cur.val_score - ref.val_score),
+            _log_ratio(tl, rtl),
+            cur.budget_fraction - ref.budget_fraction,
+            5 * cur.loss_slope if cur.loss_slope is not None else 0.0,
+            10 * cur.loss_noise if cur.loss_noise is not None else 0.0,
+        ]
+        n_base = ObservationEncoder.SIZE
+        f = np.concatenate([[base[0], lr_rel], base[2:n_base], response, base[n_base:]])
+        f = np.nan_to_num(f, nan=0.0, posinf=_CLIP, neginf=-_CLIP)
+        return np.clip(f, -_CLIP, _CLIP).astype(np.float32)
+
+
+ENCODERS: dict[int, type[ObservationEncoder]] = {1: ObservationEncoder, 2: ObservationEncoderV2}
+"""Every observation encoder this rlhpo has, by version."""
+
+
+def encoder_class(version: int) -> type[ObservationEncoder]:
+    """The encoder of ``version``; an error naming the versions this rlhpo has."""
+    cls = (
+        ENCODERS.get(version)
+        if isinstance(version, int) and not isinstance(version, bool)
+        else None
+    )
+    if cls is None:
+        have = ", ".join(f"v{v}" for v in ENCODERS)
+        raise ValueError(f"observation encoder v{version} is not in this rlhpo (it has {have})")
+    return cls

@@ -22,7 +22,7 @@ from torch import nn
 
 from rlhpo.actions import ActionCodec, nvec_of
 from rlhpo.knobs import KNOBS, KnobError, order_knobs
-from rlhpo.observation import ObservationEncoder
+from rlhpo.observation import ENCODERS, ObservationEncoder, encoder_class
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -115,6 +115,11 @@ class Policy:
         return self.net.act(obs, deterministic=deterministic)
 
     @property
+    def obs_version(self) -> int:
+        """The observation encoder version the policy was trained with."""
+        return int(self.manifest["encoder"]["version"])
+
+    @property
     def freeze(self) -> tuple[str, ...]:
         return tuple(self.manifest.get("freeze", ()))
 
@@ -125,11 +130,17 @@ class Policy:
 
 
 def save_policy(
-    path: str | os.PathLike[str], net: PolicyNet, *, knobs: Any = KNOBS, **info: Any
+    path: str | os.PathLike[str],
+    net: PolicyNet,
+    *,
+    knobs: Any = KNOBS,
+    obs_version: int = ObservationEncoder.VERSION,
+    **info: Any,
 ) -> Path:
     """Write ``net`` and a manifest (``info`` adds fields: suite, agent, timesteps, ...).
 
-    ``knobs`` are the knobs the net's actions move (the env's ``knobs``).
+    ``knobs`` are the knobs the net's actions move (the env's ``knobs``);
+    ``obs_version`` the observation encoder it was trained with (the env's).
 
     Written to temporary names first and renamed, so an interrupted save never
     leaves a half-written policy where a good one was.
@@ -137,6 +148,12 @@ def save_policy(
     from safetensors.torch import save_file
 
     knobs = order_knobs(knobs)
+    encoder = encoder_class(obs_version)
+    if net.obs_dim != encoder.size_for(knobs):
+        raise ValueError(
+            f"the network reads {net.obs_dim} features; observation encoder v{obs_version} "
+            f"gives {encoder.size_for(knobs)} for the knobs {list(knobs)}"
+        )
     if tuple(net.nvec) != nvec_of(knobs):
         raise ValueError(
             f"the network's actions {list(net.nvec)} do not fit the knobs {list(knobs)} "
@@ -150,8 +167,8 @@ def save_policy(
         "format_version": FORMAT_VERSION,
         "encoder": {
             "name": "ObservationEncoder",
-            "version": ObservationEncoder.VERSION,
-            "size": ObservationEncoder.size_for(knobs),
+            "version": encoder.VERSION,
+            "size": encoder.size_for(knobs),
         },
         "codec": {
             "name": "ActionCodec",
@@ -259,7 +276,6 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
             raise PolicyFileError(f"{where}: {key!r} must be an object, got {_short(m.get(key))}")
     checks = (
         ("format_version", m.get("format_version"), FORMAT_VERSION),
-        ("encoder version", m["encoder"].get("version"), ObservationEncoder.VERSION),
         ("codec version", m["codec"].get("version"), ActionCodec.VERSION),
     )
     for what, found, need in checks:
@@ -269,6 +285,15 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
                 f"(retrain the policy or use the rlhpo version that wrote it: "
                 f"{_short(m.get('rlhpo_version'))})"
             )
+    version = m["encoder"].get("version")
+    if not _is_int(version) or version not in ENCODERS:
+        have = ", ".join(f"v{v}" for v in ENCODERS)
+        raise PolicyFileError(
+            f"{where}: the policy needs observation encoder v{_short(version)}, which this "
+            f"rlhpo lacks (it has {have}; use the rlhpo version that wrote it: "
+            f"{_short(m.get('rlhpo_version'))})"
+        )
+    encoder = encoder_class(version)
     knobs = m.get("knobs", ["lr", "batch_size", "dropout"])
     if isinstance(knobs, list):  # names, or objects with a name and more (bounds, ...)
         knobs = [k.get("name") if isinstance(k, dict) else k for k in knobs]
@@ -282,12 +307,12 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
         names = order_knobs(knobs)
     except KnobError as e:
         raise PolicyFileError(f"{where}: knobs: {e}") from e
-    obs_dim, want_nvec = ObservationEncoder.size_for(names), list(nvec_of(names))
+    obs_dim, want_nvec = encoder.size_for(names), list(nvec_of(names))
     arch = m["architecture"]
     if not _is_int(arch.get("obs_dim")) or arch["obs_dim"] != obs_dim:
         raise PolicyFileError(
-            f"{where}: architecture.obs_dim must be {obs_dim} for the knobs {list(names)}, "
-            f"got {_short(arch.get('obs_dim'))}"
+            f"{where}: architecture.obs_dim must be {obs_dim} for observation encoder "
+            f"v{version} and the knobs {list(names)}, got {_short(arch.get('obs_dim'))}"
         )
     nvec = _int_list(f"{where}: architecture.nvec", arch.get("nvec"), 1, 256, 16, 1)
     if nvec != want_nvec:
@@ -455,7 +480,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         knobs = order_knobs(m.get("knobs", KNOBS))
     except KnobError as e:
         raise PolicyFileError(f"{p}: manifest 'knobs': {e}") from e
-    want_obs, want_nvec = ObservationEncoder.size_for(knobs), nvec_of(knobs)
+    want_obs = encoder_class(m["encoder"]["version"]).size_for(knobs)
+    want_nvec = nvec_of(knobs)
     if tuple(net.nvec) != want_nvec or net.obs_dim != want_obs:
         raise PolicyFileError(
             f"{p}: network maps {net.obs_dim} features to {list(net.nvec)}; its knobs "

@@ -406,3 +406,21 @@ def test_eval_and_plot_scripts_run(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppo_trains_with_observation_v2_and_its_policy_applies(tmp_path):
+    from rlhpo.apply import apply_policy
+
+    out = tmp_path / "v2"
+    s = tiny_ppo(obs_version=2)
+    info = train_ppo(s, out, timesteps=40, seed=0, use_wandb=False, show_progress=False, suite=V1)
+    assert info["timesteps"] >= 40
+    pol = load_policy(out / "policy")
+    assert pol.obs_version == 2 and pol.net.obs_dim == 21
+    assert pol.manifest["encoder"] == {"name": "ObservationEncoder", "version": 2, "size": 21}
+    assert pol.manifest["env"]["obs_version"] == 2
+    res = apply_policy(
+        out / "policy", "wine-mlp", suite=V1, budget_scale=0.05,
+        out_dir=tmp_path / "apply", use_wandb=False,
+    )  # fmt: skip
+    assert res.samples == res.budget_samples and len(res.rows) > 2

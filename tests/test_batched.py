@@ -473,3 +473,22 @@ def test_sharded_vec_env_equals_the_single_process_one(suite):
     finally:
         sharded.close()
     assert all(not p.is_alive() for p in sharded.procs)
+
+
+def test_batched_vec_env_equals_separate_envs_with_observation_v2(suite):
+    # v2 reads each interval's per-batch losses: the batched backend must report them.
+    kw = {
+        "suite": suite,
+        "split": "all",
+        "tasks": ["mnist1d-mlp", "wine-mlp"],
+        "budget_scale": 0.03,
+        "obs_version": 2,
+    }
+    n, steps = 3, 12
+    bo, br, bd, _ = _rollout(BatchedVecEnv(n, exact=True, **kw), steps, n)
+    do, dr, dd, _ = _rollout(_dummy(n, **kw), steps, n)
+    assert bo.shape[-1] == 21
+    assert np.count_nonzero(bo[..., 20]) > steps  # the loss noise is there
+    np.testing.assert_array_equal(bd, dd)
+    np.testing.assert_allclose(bo, do, atol=TOL, rtol=0)
+    np.testing.assert_allclose(br, dr, atol=TOL, rtol=0)

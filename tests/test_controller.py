@@ -10,18 +10,19 @@ from rlhpo.actions import ActionCodec
 from rlhpo.controller import Controller
 from rlhpo.env import HPOEnv, run_seed_for
 from rlhpo.knobs import SearchSpace, get_dropout, get_learning_rate
+from rlhpo.observation import encoder_class
 from rlhpo.policy import PolicyNet, load_policy, save_policy
 from rlhpo.trainees import build_trainee
 
 
-def random_policy(path, seed=0, gain=8.0):
+def random_policy(path, seed=0, gain=8.0, obs_version=1):
     """A randomly initialised policy; ``gain`` scales its output so that its
     argmax actions vary with the observation (not one action everywhere)."""
     torch.manual_seed(seed)
-    net = PolicyNet()
+    net = PolicyNet(obs_dim=encoder_class(obs_version).SIZE)
     with torch.no_grad():
         net.action_net.weight.mul_(gain)
-    return save_policy(path, net, suite="default", agent="test-random")
+    return save_policy(path, net, obs_version=obs_version, suite="default", agent="test-random")
 
 
 def forced_policy(path, lr=3, batch=2, dropout=2):
@@ -38,11 +39,21 @@ def forced_policy(path, lr=3, batch=2, dropout=2):
 
 
 @pytest.mark.parametrize(
-    "task,seed", [("digits-mlp", 3), ("friedman-mlp", 1), ("seq-transformer", 2)]
+    "task,seed,obs_version",
+    [
+        ("digits-mlp", 3, 1),
+        ("friedman-mlp", 1, 1),
+        ("seq-transformer", 2, 1),
+        ("digits-mlp", 3, 2),
+        ("friedman-mlp", 1, 2),
+    ],
 )
-def test_controller_observations_equal_env(tmp_path, task, seed):
-    policy = load_policy(random_policy(tmp_path / "pol", seed=seed))
-    env = HPOEnv("default-v1", split="all", tasks=[task], budget_scale=0.05)
+def test_controller_observations_equal_env(tmp_path, task, seed, obs_version):
+    policy = load_policy(random_policy(tmp_path / "pol", seed=seed, obs_version=obs_version))
+    assert policy.obs_version == obs_version
+    env = HPOEnv(
+        "default-v1", split="all", tasks=[task], budget_scale=0.05, obs_version=obs_version
+    )
     spec = env.tasks[task]
     obs, info = env.reset(seed=seed, options={"task": task, "start": "default"})
 
@@ -52,7 +63,7 @@ def test_controller_observations_equal_env(tmp_path, task, seed):
     d = ctl.start(val_loss=ev["loss"], val_score=ev["score"])
     np.testing.assert_array_equal(d.observation, obs)
 
-    hps, done = set(), False
+    hps, done, trends = set(), False, 0
     while not done:
         action = policy.act(obs)
         np.testing.assert_array_equal(d.action, action)
@@ -61,17 +72,29 @@ def test_controller_observations_equal_env(tmp_path, task, seed):
         assert not info["diverged"]
         st = tr.train(min(spec.interval_samples, spec.budget_samples - tr.samples_seen))
         ev = tr.evaluate()
+        # v2 reads the per-batch losses: half the intervals report them one by one.
+        if obs_version == 2 and ctl.interval % 2:
+            for lv in st.batch_losses:
+                ctl.observe_loss(lv)
+            batch_losses = None
+        else:
+            batch_losses = st.batch_losses
         d = ctl.step(
             train_loss=st.train_loss,
             val_loss=ev["loss"],
             val_score=ev["score"],
             samples=tr.samples_seen,
+            batch_losses=batch_losses,
         )
         np.testing.assert_allclose(d.observation, obs, rtol=0, atol=1e-6)
+        if obs_version == 2 and len(st.batch_losses) >= 3:
+            assert d.observation[19] != 0 and d.observation[20] > 0  # slope and noise seen
+            trends += 1
         assert ctl.history.last.hp == info["hp"]  # the hp the interval was trained with
         hps.add(tuple(info["hp"].values()))
     assert d.done and ctl.done and tr.samples_seen == spec.budget_samples
     assert len(hps) >= 3, "the policy must actually change hyperparameters for this test to bite"
+    assert obs_version == 1 or trends >= 2, "v2's loss trend must be seen for this test to bite"
 
 
 def _small_run(tmp_path, **kw):

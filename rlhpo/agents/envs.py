@@ -42,6 +42,8 @@ class EnvSettings:
     """Knobs the policy may not change (ablations)."""
     lr_scale: tuple[float, ...] = (1.0, 1.0)
     """Env's per-episode learning-rate factor range (domain randomisation; see HPOEnv)."""
+    obs_version: int = 1
+    """Observation encoder version (1 or 2; see HPOEnv); the policy file records it."""
 
     def env_config(self, suite: str) -> EnvConfig:
         """The training env's config (with the run's wall time in ``info``)."""
@@ -59,5 +61,6 @@ class EnvSettings:
             compute_penalty=self.compute_penalty,
             freeze=tuple(self.freeze),
             lr_scale=tuple(self.lr_scale),
+            obs_version=self.obs_version,
             timing=True,
         )

@@ -370,6 +370,7 @@ def train_ppo(
                 "budget_scale": settings.budget_scale,
                 "freeze": list(settings.freeze),
                 "lr_scale": list(settings.lr_scale),
+                "obs_version": settings.obs_version,
             },
             "freeze": list(settings.freeze),
             "compute_charge": COMPUTE_NOTE,
@@ -378,7 +379,7 @@ def train_ppo(
             "recipe": settings_dict(settings),
         }
         knobs = venv.get_attr("knobs", indices=[0])[0]
-        save_policy(out / "policy", net, knobs=knobs, **info)
+        save_policy(out / "policy", net, knobs=knobs, obs_version=settings.obs_version, **info)
         tracker.log_policy(out / "policy")
         tracker.summary(
             {

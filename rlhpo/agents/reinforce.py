@@ -276,6 +276,7 @@ def train_reinforce(
                 "budget_scale": s.budget_scale,
                 "freeze": list(s.freeze),
                 "lr_scale": list(s.lr_scale),
+                "obs_version": s.obs_version,
             },
             "freeze": list(s.freeze),
             "compute_charge": COMPUTE_NOTE,
@@ -283,7 +284,9 @@ def train_reinforce(
             "command": command,
             "recipe": settings_dict(s),
         }
-        save_policy(out / "policy", net, knobs=env.unwrapped.knobs, **info)
+        save_policy(
+            out / "policy", net, knobs=env.unwrapped.knobs, obs_version=s.obs_version, **info
+        )
         tracker.log_policy(out / "policy")
         tracker.summary(
             {

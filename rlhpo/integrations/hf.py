@@ -298,8 +298,13 @@ class RLHPOCallback(TrainerCallback):
             d = ctl.start(val_loss=val_loss, val_score=val_score)  # eval_on_start
         else:
             train_loss = sum(self._losses) / len(self._losses) if self._losses else None
+            # The logged losses (one per logging_steps) stand in for per-batch ones.
             d = ctl.step(
-                train_loss=train_loss, val_loss=val_loss, val_score=val_score, samples=self.samples
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_score=val_score,
+                samples=self.samples,
+                batch_losses=self._losses,
             )
         self._losses = []
         self._set_steps(args, self._accum.ready())

@@ -151,8 +151,10 @@ class RLHPOCallback(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
             # Lightning hands over the loss divided by the accumulation: undo that.
-            self._loss_sum += float(loss) * trainer.accumulate_grad_batches * n
+            lv = float(loss) * trainer.accumulate_grad_batches
+            self._loss_sum += lv * n
             self._loss_n += n
+            self.controller.observe_loss(lv)
         self._set_steps(trainer, self._accum.micro_batch_done())
         if self.samples >= self.controller.budget_samples:
             trainer.should_stop = True

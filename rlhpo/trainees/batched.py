@@ -295,6 +295,9 @@ class BatchedTrainee:
         done = [0] * k
         steps = [0] * k
         total = torch.zeros(k, dtype=torch.float64)
+        # Each step's per-run losses; a run's own steps are the first steps[j] rows
+        # (a run only ever drops out).
+        step_losses: list[torch.Tensor] = []
         alive = list(range(k))
         for t in range(math.ceil(n / bs)):
             lo = t * bs
@@ -325,7 +328,9 @@ class BatchedTrainee:
                 total[good] += loss[good].double() * b
             for i in alive:
                 steps[i] += 1
+            step_losses.append(loss.detach().double())
         opt.finish()
+        per_step = torch.stack(step_losses).T.tolist() if step_losses else [[] for _ in runs]
         for j, r in enumerate(runs):
             for dst, src in ((r.params, P), (r.state, S), (r.state2, S2)):
                 for d, s in zip(dst, src, strict=True):
@@ -339,7 +344,8 @@ class BatchedTrainee:
             r.optimizer_steps += steps[j]
             r.wall_time += dt
             mean = float(total[j]) / max(done[j], 1) if not diverged else float("nan")
-            stats.append(IntervalStats(mean, done[j], steps[j], dt, diverged))
+            losses = tuple(per_step[j][: steps[j]])
+            stats.append(IntervalStats(mean, done[j], steps[j], dt, diverged, losses))
         return stats
 
     # -- evaluation ---------------------------------------------------------

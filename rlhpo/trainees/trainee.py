@@ -32,6 +32,9 @@ class IntervalStats:
     steps: int
     seconds: float
     diverged: bool
+    # Each optimizer step's training loss, in order (what the observation's
+    # within-interval slope and noise are computed from).
+    batch_losses: tuple[float, ...] = ()
 
 
 # Dropout masks come from the run's own torch generator, seeded with seed + this.
@@ -187,6 +190,7 @@ class Trainee:
         self.model.train()
         x_all, y_all = self.data.x_train, self.data.y_train
         total, done, steps, diverged = 0.0, 0, 0, False
+        losses: list[float] = []
         try:
             while done < samples:
                 b = min(self.batch_size, samples - done)
@@ -204,6 +208,7 @@ class Trainee:
                     self.scheduler.step()
                 steps += 1
                 total += lv * b
+                losses.append(lv)
         finally:
             self._torch_state = torch.random.get_rng_state()
             torch.random.set_rng_state(outer_state)
@@ -213,7 +218,12 @@ class Trainee:
         self.wall_time += dt
         mean = total / max(done, 1) if not diverged else float("nan")
         return IntervalStats(
-            train_loss=mean, samples=done, steps=steps, seconds=dt, diverged=diverged
+            train_loss=mean,
+            samples=done,
+            steps=steps,
+            seconds=dt,
+            diverged=diverged,
+            batch_losses=tuple(losses),
         )
 
     @torch.no_grad()
