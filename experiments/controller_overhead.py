@@ -30,6 +30,7 @@ import torch
 
 from rlhpo.controller import Controller
 from rlhpo.env import run_seed_for
+from rlhpo.observation import encoder_class
 from rlhpo.policy import PolicyNet, load_policy, save_policy
 from rlhpo.runtime import limit_threads
 from rlhpo.tasks import load_suite
@@ -62,6 +63,7 @@ def one_run(spec, policy, seed: int, controlled: bool) -> dict[str, float]:
                 val_loss=ev["loss"],
                 val_score=ev["score"],
                 samples=tr.samples_seen,
+                batch_losses=st.batch_losses,
             )
             ctl_s += time.perf_counter() - t
             decisions += 1
@@ -81,6 +83,12 @@ def main() -> None:
         "does not depend on the weights)",
     )
     ap.add_argument(
+        "--obs-version",
+        type=int,
+        default=1,
+        help="observation encoder of the random policy (1 or 2; v2 reads per-batch losses)",
+    )
+    ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "controller_overhead.md")
     )
     args = ap.parse_args()
@@ -90,8 +98,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.policy is None:
             torch.manual_seed(0)
-            policy = load_policy(save_policy(Path(tmp) / "pol", PolicyNet(), agent="random"))
-            policy_note = "a randomly initialised policy (MLP 16-64-64-11, as PPO exports)"
+            enc = encoder_class(args.obs_version)
+            net = PolicyNet(obs_dim=enc.SIZE)
+            pol_dir = save_policy(Path(tmp) / "pol", net, obs_version=enc.VERSION, agent="random")
+            policy = load_policy(pol_dir)
+            policy_note = (
+                f"a randomly initialised policy (MLP {enc.SIZE}-64-64-11, as PPO exports; "
+                f"observation encoder v{enc.VERSION})"
+            )
         else:
             policy = load_policy(args.policy)
             policy_note = f"`{args.policy}`"
