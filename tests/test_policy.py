@@ -48,7 +48,8 @@ def test_other_versions_are_named(saved):
     m["encoder"]["version"] = 99
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(
-        PolicyFileError, match="encoder version 99 is not supported; this rlhpo needs 1"
+        PolicyFileError,
+        match=r"needs observation encoder v99, which this rlhpo lacks \(it has v1, v2",
     ):
         load_policy(path)
 
