@@ -116,6 +116,7 @@ def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
         "budget_scale": 0.02,
         "freeze": [],
         "lr_scale": [1.0, 1.0],
+        "obs_version": 1,
     }
     assert m["train_wall_time_s"] > 0 and np.isfinite(m["mean_return"])
     assert m["recipe"]["n_steps"] == 20 and "compute is charged" in m["compute_charge"]
