@@ -131,7 +131,7 @@ def test_opt_in_knobs_run_through_env_trainee_and_policy(write_suite, tmp_path):
     pol = load_policy(save_policy(tmp_path / "p", net, knobs=env.knobs))
     assert pol.knobs == env.knobs
     assert pol.manifest["codec"]["nvec"] == [5, 3, 3, 3, 3]
-    with pytest.raises(ValueError, match="do not fit the knobs"):
+    with pytest.raises(ValueError, match="gives 18 for the knobs"):
         save_policy(tmp_path / "q", PolicyNet(), knobs=env.knobs)
 
 
