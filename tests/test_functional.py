@@ -196,13 +196,12 @@ def test_routing_and_bad_inputs(suite):
     assert type(make_batched_trainee(suite.task("seq-gru"))) is FunctionalTrainee
     pool = RunPool()
     assert isinstance(pool.new_run(suite.task("seq-transformer"), {}, 0).group, FunctionalTrainee)
-    # Benchmark v2: a task weight decay is not batched (the stacked optimizer knows
-    # the default only), nor a language model's per-token targets.
+    # Benchmark v2: a task weight decay is batched (tests/test_batched_decay.py),
+    # a language model's per-token targets are not.
     v2 = load_suite("default")
     tasks = [v2.task(t) for t in (*v2.train, *v2.test)]
     gru = next(t for t in tasks if t.model == "gru")
-    assert gru.weight_decay is not None and not supports_batching(gru)
-    assert supports_functional(dataclasses.replace(gru, weight_decay=None))
+    assert gru.weight_decay is not None and supports_batching(gru)
     lm = next(t for t in tasks if t.model == "decoder")
     assert not supports_functional(dataclasses.replace(lm, weight_decay=None))
     with pytest.raises(ValueError, match="max_chunk_runs must be >= 1, got 0"):

@@ -24,10 +24,14 @@ How runs are trained together (:meth:`BatchedTrainee.train`):
   widest layer output, so that a chunk's working set stays near the CPU's L2
   cache: measured, a [32, 64, 128] elementwise op took 15x the time of a
   [8, 64, 128] one on this machine.
-- Adam/AdamW: ``torch._fused_adam_`` per run (per-run learning rate and step
-  count, one fused pass over its tensors), or with ``exact=True`` the
-  single-tensor arithmetic of ``torch.optim.Adam`` applied to the stacked
-  tensors. SGD with momentum: the stacked update.
+- Adam/AdamW: ``torch._fused_adam_`` per run (per-run learning rate, weight
+  decay, beta1 and step count, one fused pass over its tensors), or with
+  ``exact=True`` the single-tensor arithmetic of ``torch.optim.Adam`` applied to
+  the stacked tensors. SGD with momentum: the stacked update. Weight decay is
+  the task's (``TaskSpec.weight_decay``, else each optimizer's default) or the
+  run's ``weight_decay`` knob; momentum (SGD's, Adam's beta1) 0.9 or the run's
+  ``momentum`` knob; both with ``torch.optim``'s semantics (Adam and SGD add
+  ``weight_decay * w`` to the gradient, AdamW decays the weights).
 - Dropout: with ``exact=True`` each run draws its masks from its own torch
   generator, exactly as ``nn.Dropout`` does inside the Trainee (same seed, same
   shapes, same order), so a batched run reproduces the unbatched one up to
@@ -71,9 +75,9 @@ Tensor = torch.Tensor
 
 BATCHED_MODELS = ("mlp", "cnn1d")
 BATCHED_OPTIMIZERS = ("adam", "adamw", "sgd")
-# The knobs this backend's own optimizer and dropout implement (the required ones);
-# a space with opt-in knobs trains one model per env.
-BATCHED_KNOBS = KNOBS
+# The knobs this backend's own optimizer and dropout implement; a space with any
+# other knob trains one model per env.
+BATCHED_KNOBS = (*KNOBS, "weight_decay", "momentum")
 # Elements of a chunk's widest layer output (1 MiB of float32). Smaller chunks keep
 # the working set in L2 but pay per-op overhead on fewer models; measured best
 # among 64K..4M on the MNIST-1D MLP and CNN (experiments/throughput.py --chunks).
@@ -84,15 +88,21 @@ _ADAMW_DECAY = 0.01  # as rlhpo.trainees.trainee.make_optimizer
 _SGD_MOMENTUM = 0.9
 
 
+def batchable_optimizer(spec: TaskSpec) -> bool:
+    """Whether the batched optimizer implements ``spec``'s optimizer and knobs."""
+    return spec.optimizer in BATCHED_OPTIMIZERS and set(spec.space.names) <= set(BATCHED_KNOBS)
+
+
+def task_decay(spec: TaskSpec) -> float:
+    """The weight decay a Trainee of ``spec`` starts with (``make_optimizer``'s rule)."""
+    if spec.weight_decay is not None:
+        return float(spec.weight_decay)
+    return _ADAMW_DECAY if spec.optimizer == "adamw" else 0.0
+
+
 def supports_stacked(spec: TaskSpec) -> bool:
     """Whether runs of ``spec`` can be trained by the stacked :class:`BatchedTrainee`."""
-    # The stacked update knows each optimizer's default weight decay only.
-    return (
-        spec.model in BATCHED_MODELS
-        and spec.optimizer in BATCHED_OPTIMIZERS
-        and spec.weight_decay is None
-        and set(spec.space.names) <= set(BATCHED_KNOBS)
-    )
+    return spec.model in BATCHED_MODELS and batchable_optimizer(spec)
 
 
 def supports_batching(spec: TaskSpec) -> bool:
@@ -122,8 +132,12 @@ class BatchedRun:
         self.state = [torch.zeros_like(p) for p in self.params]  # exp_avg / momentum
         self.state2 = [torch.zeros_like(p) for p in self.params] if group.optimizer != "sgd" else []
         self.step = 0
-        # One attribute per knob (lr, batch_size, dropout): the chunk optimizer and
-        # the dropout masks read them.
+        # The optimizer's settings when the space has no knob for them (a knob's
+        # value replaces them below, as Trainee's space.write does).
+        self.weight_decay = task_decay(spec)
+        self.momentum = _SGD_MOMENTUM if group.optimizer == "sgd" else _ADAM_BETAS[0]
+        # One attribute per knob (lr, batch_size, dropout, ...): the chunk optimizer
+        # and the dropout masks read them.
         for k, v in hp.items():
             setattr(self, k, v)
         self.order = SampleOrder(group.data.n_train, seed)
@@ -384,6 +398,8 @@ class _ChunkOptimizer:
         self.kind = group.optimizer
         k = len(runs)
         self.lr = [r.lr for r in runs]
+        self.decay = [float(r.weight_decay) for r in runs]
+        self.momentum = [float(r.momentum) for r in runs]
         self.steps = [r.step for r in runs]
         if group._fused:
             # Per-run views, and a step counter per run that the fused kernel reads
@@ -397,7 +413,6 @@ class _ChunkOptimizer:
     def step(self, alive: list[int]) -> None:
         if self.group._fused:
             fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
-            wd = _ADAMW_DECAY if self.kind == "adamw" else 0.0
             for i in alive:
                 p, g, m, v = self.views[i]
                 self.step_t[i] += 1
@@ -409,9 +424,9 @@ class _ChunkOptimizer:
                     [],
                     [self.step_t[i]] * len(p),
                     lr=self.lr[i],
-                    beta1=_ADAM_BETAS[0],
+                    beta1=self.momentum[i],
                     beta2=_ADAM_BETAS[1],
-                    weight_decay=wd,
+                    weight_decay=self.decay[i],
                     eps=_ADAM_EPS,
                     amsgrad=False,
                     maximize=False,
@@ -437,21 +452,31 @@ class _ChunkOptimizer:
             t.index_copy_(0, sel, val)
 
     def _adam(self, alive: list[int], sel: Tensor | None) -> None:
-        # torch.optim.Adam's single-tensor arithmetic, with per-run lr and step
-        # count as [k, 1, ...] tensors: same operations, same rounding.
-        b1, b2 = _ADAM_BETAS
+        # torch.optim.Adam's single-tensor arithmetic, with per-run lr, weight decay,
+        # beta1 and step count as [k, 1, ...] tensors: same operations, same rounding.
+        b2 = _ADAM_BETAS[1]
+        b1 = [self.momentum[i] for i in alive]
+        wd = [self.decay[i] for i in alive]
         step_size, bc2_sqrt, decay = [], [], []
         for i in alive:
             s = self.steps[i]
-            step_size.append(-(self.lr[i] / (1 - b1**s)))
+            step_size.append(-(self.lr[i] / (1 - self.momentum[i] ** s)))
             bc2_sqrt.append((1 - b2**s) ** 0.5)
-            decay.append(1 - self.lr[i] * _ADAMW_DECAY)
+            decay.append(1 - self.lr[i] * self.decay[i])
+        same_b1 = all(b == b1[0] for b in b1)
         for p, g, m, v in zip(self.P, self.G, self.S, self.S2, strict=True):
             shape = (len(alive),) + (1,) * (p.dim() - 1)
             pp, gg, mm, vv = (self._pick(t, sel) for t in (p, g, m, v))
             if self.kind == "adamw":
-                pp.mul_(torch.tensor(decay).view(shape))
-            mm.lerp_(gg, 1 - b1)
+                if any(w != 0 for w in wd):
+                    pp.mul_(torch.tensor(decay).view(shape))
+            else:
+                # G is scratch (the next backward overwrites it), so L2 goes in place.
+                _add_scaled(gg, pp, wd)
+            if same_b1:
+                mm.lerp_(gg, 1 - b1[0])
+            else:
+                mm.lerp_(gg, torch.tensor([1 - b for b in b1]).view(shape))
             vv.mul_(b2).addcmul_(gg, gg, value=1 - b2)
             denom = (vv.sqrt() / torch.tensor(bc2_sqrt).view(shape)).add_(_ADAM_EPS)
             pp.add_((mm * torch.tensor(step_size).view(shape)) / denom)
@@ -459,21 +484,45 @@ class _ChunkOptimizer:
                 self._put(t, sel, new)
 
     def _sgd(self, alive: list[int], sel: Tensor | None) -> None:
-        # torch.optim.SGD(momentum=0.9): the buffer starts as the first gradient.
-        first = [self.steps[i] == 1 for i in alive]
-        mom = torch.tensor([0.0 if f else _SGD_MOMENTUM for f in first])
+        # torch.optim.SGD: the buffer starts as the first gradient, which a zero
+        # buffer times the momentum plus the gradient is, bitwise. At momentum 0
+        # torch steps by the gradient and leaves the buffer alone.
+        mom = [self.momentum[i] for i in alive]
+        wd = [self.decay[i] for i in alive]
+        still = [j for j, m in enumerate(mom) if m == 0]
+        mom_t = torch.tensor(mom)
         neg_lr = torch.tensor([-self.lr[i] for i in alive])
         for p, g, buf in zip(self.P, self.G, self.S, strict=True):
             shape = (len(alive),) + (1,) * (p.dim() - 1)
             pp, gg, bb = (self._pick(t, sel) for t in (p, g, buf))
-            bb.mul_(mom.view(shape)).add_(gg)
-            pp.add_(bb * neg_lr.view(shape))
+            _add_scaled(gg, pp, wd)
+            if still:
+                old = bb[still].clone()
+            bb.mul_(mom_t.view(shape)).add_(gg)
+            step = bb
+            if still:
+                step = bb.clone()
+                step[still] = gg[still]
+                bb[still] = old
+            pp.add_(step * neg_lr.view(shape))
             for t, new in ((p, pp), (buf, bb)):
                 self._put(t, sel, new)
 
     def finish(self) -> None:
         for r, s in zip(self.runs, self.steps, strict=True):
             r.step = s
+
+
+def _add_scaled(dst: Tensor, src: Tensor, alpha: list[float]) -> None:
+    """``dst[j] += alpha[j] * src[j]`` rounded as ``Tensor.add_(alpha=)`` rounds it
+    (torch.optim adds weight decay so), skipping zeros as torch.optim does."""
+    if all(a == alpha[0] for a in alpha):
+        if alpha[0] != 0:
+            dst.add_(src, alpha=alpha[0])
+        return
+    for j, a in enumerate(alpha):
+        if a != 0:
+            dst[j].add_(src[j], alpha=a)
 
 
 class _DropoutMasks:

@@ -37,9 +37,8 @@ Routing: ``mlp`` and ``cnn1d`` keep the hand-written stacked backend (measured
 faster for them: 297 vs 508 us per model-step on the MNIST-1D MLP at 32 runs,
 experiments/results/throughput.md); every other family
 whose model passes :func:`supports_functional` uses this one
-(:func:`make_batched_trainee`). Not batched (yet): a task's own weight decay
-(benchmark v2 sets one on every task; the stacked optimizer knows each
-optimizer's default only) and per-token targets (the decoder LM).
+(:func:`make_batched_trainee`). Not batched (yet): per-token targets (the
+decoder LM).
 """
 
 from __future__ import annotations
@@ -57,10 +56,10 @@ from rlhpo.knobs import set_dropout
 from rlhpo.tasks.spec import TaskSpec
 from rlhpo.trainees import init_model, task_data
 from rlhpo.trainees.batched import (
-    BATCHED_OPTIMIZERS,
     CHUNK_ELEMENTS,
     BatchedRun,
     BatchedTrainee,
+    batchable_optimizer,
     supports_stacked,
 )
 
@@ -371,8 +370,7 @@ class FunctionalNet:
 
 def supports_functional(spec: TaskSpec) -> bool:
     """Whether runs of ``spec`` can be batched by :class:`FunctionalTrainee`."""
-    # The stacked optimizer knows each optimizer's default weight decay only.
-    if spec.optimizer not in BATCHED_OPTIMIZERS or spec.weight_decay is not None:
+    if not batchable_optimizer(spec):
         return False
     key = repr((spec.model, spec.model_args, spec.dataset, spec.dataset_args))
     if key not in _SUPPORTED:
