@@ -113,11 +113,11 @@ def test_fast_fused_adam_applies_per_run_decay_and_beta1(v2, optimizer):
     assert _weight_gap(runs, trs) < 1e-4
 
 
-def test_every_v2_task_but_the_language_models_is_batched(v2):
+def test_every_v2_task_is_batched(v2):
     tasks = [v2.task(t) for t in (*v2.train, *v2.test)]
     assert all(t.weight_decay is None or t.weight_decay > 0 for t in tasks)
     for t in tasks:
-        assert supports_batching(t) == (t.model != "decoder"), t.name
-        assert supports_batching(_with_knobs(t)) == (t.model != "decoder"), t.name
+        assert supports_batching(t), t.name
+        assert supports_batching(_with_knobs(t)), t.name
     assert type(make_batched_trainee(v2.task("mlp-00-wine"))) is BatchedTrainee
     assert type(make_batched_trainee(v2.task("gru-01-parity"))) is FunctionalTrainee

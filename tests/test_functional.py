@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import vmap
 
 from rlhpo.tasks import load_suite
-from rlhpo.trainees import build_trainee
+from rlhpo.trainees import build_trainee, task_data
 from rlhpo.trainees.batched import BatchedTrainee, supports_batching
 from rlhpo.trainees.functional import (
     FunctionalTrainee,
@@ -196,14 +196,16 @@ def test_routing_and_bad_inputs(suite):
     assert type(make_batched_trainee(suite.task("seq-gru"))) is FunctionalTrainee
     pool = RunPool()
     assert isinstance(pool.new_run(suite.task("seq-transformer"), {}, 0).group, FunctionalTrainee)
-    # Benchmark v2: a task weight decay is batched (tests/test_batched_decay.py),
-    # a language model's per-token targets are not.
+    # Benchmark v2: a task weight decay is batched (tests/test_batched_decay.py), and
+    # a language model's per-token targets (test_decoder_lm_matches_the_trainee).
     v2 = load_suite("default")
     tasks = [v2.task(t) for t in (*v2.train, *v2.test)]
     gru = next(t for t in tasks if t.model == "gru")
     assert gru.weight_decay is not None and supports_batching(gru)
     lm = next(t for t in tasks if t.model == "decoder")
-    assert not supports_functional(dataclasses.replace(lm, weight_decay=None))
+    assert supports_functional(lm)
+    # Per-position targets of a regression task are not a loss the backend knows.
+    assert not supports_functional(dataclasses.replace(lm, metric="r2"))
     with pytest.raises(ValueError, match="max_chunk_runs must be >= 1, got 0"):
         FunctionalTrainee(suite.task("seq-gru"), max_chunk_runs=0)
     with pytest.raises(ValueError, match="is bidirectional"):
@@ -212,3 +214,18 @@ def test_routing_and_bad_inputs(suite):
         functional_copy(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
     with pytest.raises(ValueError, match="RNN.*no unrolled equivalent"):
         functional_copy(nn.Sequential(nn.RNN(3, 4)))
+
+
+@pytest.mark.parametrize("task", ["decoder-01-lm_copy", "decoder-00-lm_reverse"])
+def test_decoder_lm_matches_the_trainee(task):
+    """Per-token targets (-100: not scored): the Trainee's loss, next-token accuracy."""
+    spec = load_suite("default").task(task)
+    assert spec.model == "decoder" and task_data(spec).y_train.dim() == 2
+    assert (task_data(spec).y_train == -100).any()  # prompt positions are ignored
+    runs, trs = _train_both(spec, HPS, intervals=2, samples=160)
+    for r, t in zip(runs, trs, strict=True):
+        diff = (_flat(r.to_module().parameters()) - _flat(t.model.parameters())).abs().max()
+        assert float(diff) < WEIGHT_TOL["transformer"]
+        a, b = r.evaluate(), t.evaluate()
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6)  # token-weighted accuracy
+        assert 0.0 <= a["score"] <= 1.0

@@ -259,6 +259,10 @@ class BatchedTrainee:
             if r.released:
                 raise ValueError("run was released from its BatchedTrainee")
 
+    def loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Each run's mean loss ``[k]`` on its batch and its gradient w.r.t. ``out``."""
+        return loss_and_grad(self.spec.metric, out, y, self.exact)
+
     def chunk_size(self, rows: int) -> int:
         """Runs per chunk when each run processes ``rows`` samples at once."""
         return max(1, self.chunk_elements // max(1, rows * self.net.widest))
@@ -305,7 +309,7 @@ class BatchedTrainee:
         # The chunk's whole interval of samples, gathered once: [k, n, ...].
         flat = idx.view(-1)
         xs = data.x_train.index_select(0, flat).view(k, n, *data.x_train.shape[1:])
-        ys = data.y_train.index_select(0, flat).view(k, n)
+        ys = data.y_train.index_select(0, flat).view(k, n, *data.y_train.shape[1:])
         done = [0] * k
         steps = [0] * k
         total = torch.zeros(k, dtype=torch.float64)
@@ -319,7 +323,7 @@ class BatchedTrainee:
             ctx: list = []
             x = xs[:, lo : lo + b].contiguous()
             out = self.net.forward(P, x, masks.draw(b, alive), ctx)
-            loss, dout = loss_and_grad(self.spec.metric, out, ys[:, lo : lo + b], self.exact)
+            loss, dout = self.loss_and_grad(out, ys[:, lo : lo + b])
             for i in alive:
                 done[i] += b
             if not bool(torch.isfinite(loss).all()):

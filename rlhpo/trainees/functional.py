@@ -37,8 +37,10 @@ Routing: ``mlp`` and ``cnn1d`` keep the hand-written stacked backend (measured
 faster for them: 297 vs 508 us per model-step on the MNIST-1D MLP at 32 runs,
 experiments/results/throughput.md); every other family
 whose model passes :func:`supports_functional` uses this one
-(:func:`make_batched_trainee`). Not batched (yet): per-token targets (the
-decoder LM).
+(:func:`make_batched_trainee`). Per-token targets (the decoder LM: logits
+``(batch, vocab, length)``, targets ``(batch, length)`` with -100 where a position is
+not scored) take the Trainee's loss, ``F.cross_entropy`` with ``ignore_index=-100``,
+run by run.
 """
 
 from __future__ import annotations
@@ -372,13 +374,12 @@ def supports_functional(spec: TaskSpec) -> bool:
     """Whether runs of ``spec`` can be batched by :class:`FunctionalTrainee`."""
     if not batchable_optimizer(spec):
         return False
-    key = repr((spec.model, spec.model_args, spec.dataset, spec.dataset_args))
+    key = repr((spec.model, spec.model_args, spec.dataset, spec.dataset_args, spec.metric))
     if key not in _SUPPORTED:
         data = task_data(spec)
-        # The batched loop and its loss take one target per sample (not a language
-        # model's target per token).
-        one_target = data.y_train.dim() == 1
-        _SUPPORTED[key] = one_target and FunctionalNet.supports(init_model(spec, data, 0.0, 0))
+        # One target per sample, or per position for classification (a language model).
+        targets = data.y_train.dim() == 1 or (data.y_train.dim() == 2 and spec.metric == "accuracy")
+        _SUPPORTED[key] = targets and FunctionalNet.supports(init_model(spec, data, 0.0, 0))
     return _SUPPORTED[key]
 
 
@@ -416,6 +417,17 @@ class FunctionalTrainee(BatchedTrainee):
 
     def chunk_size(self, rows: int) -> int:
         return self.max_chunk_runs
+
+    def loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if y.dim() == 2:
+            return super().loss_and_grad(out, y)
+        # Per-position targets: the Trainee's nn.CrossEntropyLoss (mean over the
+        # positions whose target is not -100), run by run, differentiated by autograd.
+        leaf = out.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = torch.stack([F.cross_entropy(leaf[i], y[i]) for i in range(len(y))])
+            (dout,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), dout
 
     def _train_chunk(self, runs: list[BatchedRun], bs: int, n: int):
         self.net.run_p = torch.tensor([r.dropout for r in runs])
