@@ -51,7 +51,7 @@ from rlhpo.actions import ActionCodec
 from rlhpo.runtime import limit_threads
 from rlhpo.tasks import load_suite
 from rlhpo.trainees import build_trainee, task_data
-from rlhpo.trainees.batched import CHUNK_ELEMENTS, BatchedTrainee
+from rlhpo.trainees.batched import CHUNK_ELEMENTS, BatchedTrainee, supports_batching
 from rlhpo.trainees.functional import FunctionalTrainee, make_batched_trainee
 from rlhpo.vec_env import make_vec_env
 
@@ -77,6 +77,9 @@ def configs(args) -> list[tuple[str, int, int]]:
 # The pseudo-task of the whole mixed train split of the default suite (every
 # reset draws one of its tasks, as policy training does).
 TRAIN_SPLIT = "train-split"
+# The suite the env rounds draw their tasks from (--suite); the kernel, chunk and
+# PPO timings keep the v1 suite's named tasks.
+SUITE = "default-v1"
 
 
 class _Stepper:
@@ -85,7 +88,7 @@ class _Stepper:
     def __init__(self, task: str, backend: str, n_envs: int, procs: int, seed: int):
         self.backend, self.n = backend, n_envs
         self.venv = make_vec_env(
-            "default-v1",
+            SUITE,
             "train" if task == TRAIN_SPLIT else "all",
             n_envs=n_envs,
             seed=seed,
@@ -136,10 +139,12 @@ def measure_task(task: str, confs: list[tuple[str, int, int]], seconds: float, s
     return out
 
 
-def _memory_child(task: str, backend: str, n_envs: int, procs: int, queue) -> None:
+def _memory_child(task: str, backend: str, n_envs: int, procs: int, suite: str, queue) -> None:
+    global SUITE
+    SUITE = suite  # a spawned process starts from the module's default
     limit_threads()
     for t in _tasks_of(task):
-        task_data(load_suite("default-v1").task(t))
+        task_data(load_suite(suite).task(t))
     before = _rss()
     st = _Stepper(task, backend, n_envs, procs, seed=0)
     st.step()
@@ -157,7 +162,7 @@ def measure_memory(task: str, backend: str, n_envs: int, procs: int) -> float:
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(task, backend, n_envs, procs, q))
+    proc = ctx.Process(target=_memory_child, args=(task, backend, n_envs, procs, SUITE, q))
     proc.start()
     value = q.get()
     proc.join()
@@ -165,17 +170,18 @@ def measure_memory(task: str, backend: str, n_envs: int, procs: int) -> float:
 
 
 def _tasks_of(task: str) -> list[str]:
-    suite = load_suite("default-v1")
+    suite = load_suite(SUITE)
     return list(suite.train) if task == TRAIN_SPLIT else [task]
 
 
 def state_kib(task: str) -> float:
-    """Weights + Adam state of one model (the same in every backend); the mean
-    over the tasks of the train split for it."""
-    suite = load_suite("default-v1")
+    """Weights + optimizer state of one model (the same in every backend); the
+    mean over the batchable tasks of the train split for it."""
+    suite = load_suite(SUITE)
     sizes = [
         make_batched_trainee(suite.task(t)).add(seed=0).state_bytes() / 1024
         for t in _tasks_of(task)
+        if supports_batching(suite.task(t))
     ]
     return sum(sizes) / len(sizes)
 
@@ -654,8 +660,12 @@ def write_ppo(rows: list[dict], timesteps: int, load) -> None:
 
 
 def main() -> None:
+    global SUITE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tasks", default="mnist1d-mlp,mnist1d-cnn")
+    ap.add_argument(
+        "--suite", default=SUITE, help="suite of the env rounds (train-split: its train split)"
+    )
     ap.add_argument("--ns", default="8,16,32,64")
     ap.add_argument("--ns2", default="32,64", help="batched envs split over 2 processes")
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -681,6 +691,7 @@ def main() -> None:
         "(writes results/throughput_ppo.md)",
     )
     args = ap.parse_args()
+    SUITE = args.suite
     args.tasks = args.tasks.split(",")
     args.ns = [int(n) for n in args.ns.split(",")]
     args.ns2 = [int(n) for n in args.ns2.split(",") if n]
@@ -692,7 +703,7 @@ def main() -> None:
         return
     for task in args.tasks:
         for t in _tasks_of(task):
-            task_data(load_suite("default-v1").task(t))  # datasets built before any timing
+            task_data(load_suite(SUITE).task(t))  # datasets built before any timing
     kernels = run_kernels() if args.kernels else None
     if kernels:
         for name, k, t in kernels:
