@@ -48,6 +48,11 @@ from rlhpo.trainees.batched import (
 from rlhpo.trainees.functional import make_batched_trainee
 
 BACKENDS = ("auto", "batched", "dummy", "subproc")
+# Batching pays only when several runs of one task train together. Measured
+# (experiments/results/throughput_v2.md): 32 batched envs ran 4.8x one model per
+# env on the 10-task v1 split (3.2 envs per task), but 0.5x on the 24-task v2
+# split (1.3 envs per task), where most lockstep groups hold a single run.
+MIN_RUNS_PER_TASK = 3
 
 
 class RunPool:
@@ -508,7 +513,8 @@ def make_vec_env(
     ``backend``:
 
     - ``"auto"`` (default): :class:`BatchedVecEnv` if at least one selected task
-      is batchable (the others then train one by one inside it); else
+      is batchable (the others then train one by one inside it) and there are at
+      least ``MIN_RUNS_PER_TASK`` envs per batchable task; else
       ``SubprocVecEnv`` when ``1 < n_envs <= cores``, else ``DummyVecEnv`` of ``HPOEnv``;
     - ``"batched"``: :class:`BatchedVecEnv`, an error if no task is batchable;
     - ``"dummy"`` / ``"subproc"``: SB3's vector envs of ``HPOEnv`` (one model per env;
@@ -539,7 +545,7 @@ def make_vec_env(
             f"backend 'batched' needs a batchable task (see supports_batching); got {no}"
         )
     if backend == "auto":
-        if yes:
+        if yes and n_envs >= MIN_RUNS_PER_TASK * len(yes):
             backend = "batched"
         else:
             backend = "subproc" if 1 < n_envs <= (os.cpu_count() or 1) else "dummy"

@@ -87,11 +87,11 @@ def test_ppo_trains_on_the_batched_env(tmp_path, monkeypatch):
     assert load_policy(out / "policy").manifest["recipe"]["vec_env"] == "batched"
     with pytest.raises(ValueError, match="n_procs must be >= 1, got 0"):
         make_vec_env(n_envs=2, backend="batched", n_procs=0, suite=V1, **TINY)
-    # "auto" (the recipe's default): batched where a task is batchable, else one model
+    # "auto" (the recipe's default): batched where a task is batchable (3 envs per task), else one model
     # per env, in subprocesses only when there are no more envs than cores.
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    auto = make_vec_env(n_envs=3, backend="auto", suite=V1, **TINY)
+    auto = make_vec_env(n_envs=6, backend="auto", suite=V1, **TINY)
     assert isinstance(auto.unwrapped, BatchedVecEnv)
     auto.close()
     gru = make_vec_env(suite=V1, n_envs=3, backend="auto", tasks=["seq-gru"], budget_scale=0.02)

@@ -361,7 +361,13 @@ def test_sb3_vec_env_contract_and_ppo_learns(suite):
     from stable_baselines3.common.vec_env import VecMonitor
 
     venv = make_vec_env(
-        suite, "train", n_envs=4, seed=0, tasks=["wine-mlp", "clf-binary-mlp"], budget_scale=0.05
+        suite,
+        "train",
+        n_envs=4,
+        seed=0,
+        backend="batched",
+        tasks=["wine-mlp", "clf-binary-mlp"],
+        budget_scale=0.05,
     )
     assert isinstance(venv, VecMonitor) and isinstance(venv.venv, BatchedVecEnv)
     assert venv.get_attr("task_names")[0] == ["wine-mlp", "clf-binary-mlp"]
@@ -416,11 +422,18 @@ def test_gymnasium_vector_env_matches_the_sb3_one(suite):
 def test_make_vec_env_picks_a_backend(suite, monkeypatch):
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    v = make_vec_env(suite, "all", n_envs=1, tasks=["seq-transformer"], budget_scale=0.02)
+    v = make_vec_env(suite, "all", n_envs=3, tasks=["seq-transformer"], budget_scale=0.02)
     assert isinstance(v.venv, BatchedVecEnv)
+    # Batching needs MIN_RUNS_PER_TASK (3) envs per batchable task to pay (measured
+    # 0.5x one model per env with 1.3): fewer train one model per env.
+    two = ["wine-mlp", "digits-mlp"]
+    v = make_vec_env(suite, "all", n_envs=5, tasks=two, budget_scale=0.02, monitor=False)
+    assert isinstance(v, DummyVecEnv)
+    v = make_vec_env(suite, "all", n_envs=6, tasks=two, budget_scale=0.02, monitor=False)
+    assert isinstance(v, BatchedVecEnv)
     # Every family on main is batchable; a task that is not falls back to SB3's envs.
     monkeypatch.setattr("rlhpo.vec_env.supports_batching", lambda t: t.model == "mlp")
-    v = make_vec_env(suite, "all", n_envs=1, tasks=["seq-transformer"], budget_scale=0.02)
+    v = make_vec_env(suite, "all", n_envs=3, tasks=["seq-transformer"], budget_scale=0.02)
     assert isinstance(v.venv, DummyVecEnv)
     v = make_vec_env(suite, "all", n_envs=2, backend="dummy", tasks=["wine-mlp"], monitor=False)
     assert isinstance(v, DummyVecEnv)
@@ -456,7 +469,7 @@ def test_slot_env_alone_is_an_hpo_env(suite):
 def test_sharded_vec_env_equals_the_single_process_one(suite):
     kw = {"suite": suite, "tasks": ["wine-mlp", "digits-mlp"], "budget_scale": 0.03}
     n = 5
-    sharded = make_vec_env(n_envs=n, n_procs=2, exact=True, monitor=False, **kw)
+    sharded = make_vec_env(n_envs=n, n_procs=2, backend="batched", exact=True, monitor=False, **kw)
     assert isinstance(sharded, ShardedVecEnv)
     try:
         so, sr, sd, si = _rollout(sharded, 22, n)
