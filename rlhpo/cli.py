@@ -319,10 +319,10 @@ def demo(
 ) -> None:
     """The first taste: the shipped policy on a held-out task vs static, plateau and Optuna."""
     from rlhpo.compare import CompareError, MethodError
-    from rlhpo.compare.demo import DEFAULT_POLICY, run_demo
+    from rlhpo.compare.demo import DEFAULT_POLICY, DEMO_SUITE, run_demo
     from rlhpo.compare.report import console_table
     from rlhpo.run_folder import RunFolderError, check_run_folder
-    from rlhpo.tasks import SpecError
+    from rlhpo.tasks import SpecError, load_suite
 
     if seeds < 1:
         _fail(f"--seeds must be >= 1, got {seeds}")
@@ -332,6 +332,11 @@ def demo(
         check_run_folder(out or ".")
     except RunFolderError as e:
         _fail(str(e))
+    held_out = [t.name for t in load_suite(DEMO_SUITE).split("test")]
+    if task not in held_out:
+        _fail(
+            f"--task must be a held-out task of suite {DEMO_SUITE!r} ({', '.join(held_out)}), got {task!r}"
+        )
     pol = policy or str(DEFAULT_POLICY)
     console.print(
         f"[bold]rlhpo demo[/bold]: policy [cyan]{pol}[/cyan] tunes a run of the held-out task "

@@ -30,6 +30,11 @@ CASES = {
     "demo --seeds 0": (["demo", "--seeds", "0"], "--seeds must be >= 1, got 0"),
     "demo --trials 0": (["demo", "--trials", "0"], "--trials must be >= 1, got 0"),
     "demo --out FILE": (["demo", "--out", "{root}/FILE"], "FILE is a file"),
+    "demo --task nosuch": (
+        ["demo", "--task", "nosuch"],
+        "--task must be a held-out task of suite 'default-v1' (mnist1d-cnn, breast_cancer-mlp, "
+        "seq-transformer, mnist1d-gru), got 'nosuch'",
+    ),
     "compare --out FILE": (
         ["compare", "--out", "{root}/FILE", "--methods", "static", *QUICK],
         "FILE is a file",

@@ -10,6 +10,7 @@ from rlhpo.compare.methods import parse_methods
 from rlhpo.compare.runner import CompareConfig, CompareResult, run_comparison
 
 DEFAULT_POLICY = "default"  # the shipped policy's name (rlhpo/policies/default)
+DEMO_SUITE = "default-v1"  # the suite the shipped policy was trained and tested on
 
 
 def run_demo(
@@ -36,7 +37,7 @@ def run_demo(
     cfg = CompareConfig(
         out=out,
         methods=methods,
-        suite="default-v1",  # the suite the shipped policy was trained and tested on
+        suite=DEMO_SUITE,
         split="test",
         tasks=[task],
         seeds=list(seeds),
