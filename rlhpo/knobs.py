@@ -15,6 +15,7 @@ the others are opt-in: a suite's ``space`` table names them.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -50,7 +51,7 @@ class LiveRun:
 
 
 @dataclass(frozen=True)
-class Knob:
+class Knob(abc.ABC):
     """One tunable hyperparameter: domain, action moves, live read/write, search domains.
 
     ``kind`` is ``"float"`` (bounds ``(low, high)``, on a log scale when ``log``)
@@ -175,13 +176,13 @@ class Knob:
         return self.tune_mutation(tune, bounds)
 
     # -- a live run -------------------------------------------------------------
+    @abc.abstractmethod
     def read(self, run: LiveRun) -> Any | None:
         """The value in force in ``run`` (None when the run has nothing to read it from)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, run: LiveRun, value: Any) -> Any:
         """Apply ``value`` to ``run``; returns the value now in force."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
