@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "--table", default=str(ROOT / "experiments" / "results" / "warmup_cosine_tuning.md")
     )
     a = p.parse_args(argv)
+    from rlhpo.baselines.schedules import optimizer_kind
     from rlhpo.tasks import load_suite
 
     suite = load_suite(a.suite)
@@ -82,9 +83,24 @@ def main(argv: list[str] | None = None) -> int:
         scores[peak][task].append(val)
     mean = {g: float(np.mean([v for vs in scores[g].values() for v in vs])) for g in grid}
     best = max(grid, key=lambda g: mean[g])
+    # SGD (momentum 0.9) and the Adam family want different peaks: one per optimizer kind.
+    kinds = {t: optimizer_kind(suite.task(t).optimizer) for t in suite.train}
+    by_kind: dict[str, float] = {}
+    mean_by_kind: dict[str, dict[float, float]] = {}
+    for kind in sorted(set(kinds.values())):
+        mk = {
+            g: float(np.mean([v for t, vs in scores[g].items() if kinds[t] == kind for v in vs]))
+            for g in grid
+        }
+        mean_by_kind[kind] = mk
+        by_kind[kind] = max(grid, key=lambda g: mk[g])
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     entry = {
         "peak_lr": best,
+        "peak_lr_by_optimizer": by_kind,
+        "mean_norm_val_score_by_optimizer": {
+            k: {str(g): round(v, 4) for g, v in mk.items()} for k, mk in mean_by_kind.items()
+        },
         "split": "train",
         "tasks": list(suite.train),
         "seeds": seeds,
@@ -114,12 +130,24 @@ def main(argv: list[str] | None = None) -> int:
         f"Seeds {seeds}; score = final normalised validation score (0 chance, 1 perfect), "
         "mean over train tasks x seeds. The test split is not used.",
         "",
-        "| peak lr | mean | " + " | ".join(suite.train) + " |",
-        "|---:|---:|" + "---:|" * len(suite.train),
+        "Chosen per optimizer kind (`peak_lr_by_optimizer`, what `warmup-cosine` uses): "
+        + ", ".join(f"{k} {v:g}" for k, v in by_kind.items())
+        + f"; over all tasks {best:g}. Task columns: (a) = Adam/AdamW, (s) = SGD.",
+        "",
+        "| peak lr | mean | "
+        + " | ".join(f"mean {k}" for k in mean_by_kind)
+        + " | "
+        + " | ".join(f"{t} ({kinds[t][0]})" for t in suite.train)
+        + " |",
+        "|---:|---:|" + "---:|" * (len(mean_by_kind) + len(suite.train)),
     ]
     for g in grid:
         mark = " **(chosen)**" if g == best else ""
         row = [f"{g:g}{mark}", f"{mean[g]:.3f}"]
+        row += [
+            f"{mean_by_kind[k][g]:.3f}" + (" **(chosen)**" if by_kind[k] == g else "")
+            for k in mean_by_kind
+        ]
         row += [f"{np.mean(scores[g][t]):.3f}" for t in suite.train]
         lines.append("| " + " | ".join(row) + " |")
     Path(a.table).parent.mkdir(parents=True, exist_ok=True)

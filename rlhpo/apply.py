@@ -122,7 +122,12 @@ def apply_policy(
     env.reset(seed=seed, options=options)  # builds the run exactly as an episode starts
     tr = env.trainee
     ctl = Controller.for_trainee(
-        policy, tr, budget_samples=spec.budget_samples, deterministic=deterministic
+        policy,
+        tr,
+        budget_samples=spec.budget_samples,
+        deterministic=deterministic,
+        interval_samples=spec.interval_samples,
+        optimizer_kind=spec.optimizer,
     )
     config = {
         "policy": str(policy_dir),

@@ -25,6 +25,8 @@ learning rate at half the one that produced it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import logging
 import math
@@ -240,13 +242,21 @@ class Controller:
         explode_factor: a training or validation loss above this x the reference
             loss (the first evaluation's loss) counts as divergence, as in the env.
         lr_backoff: the learning rate is multiplied by this after a rollback.
-        collapse: watch for collapse (off by default): ``True`` for the default
-            :class:`~rlhpo.safety.CollapseRule`, or a rule (its ``k``). On a
-            collapse the best state is restored and the lr capped.
+        collapse: the do-no-harm guard (on by default): ``True`` for the default
+            :class:`~rlhpo.safety.CollapseRule`, a rule (its ``k``), or ``False``.
+            When the validation score falls well below its best (in units of its
+            noise), the best state is restored and the lr capped; logged as an event.
         n_val: validation samples behind ``val_score`` (scales the collapse
             rule's noise; without it the spread seen so far is used).
         obs_version: the observation encoder the policy must have been trained with
             (default: the one its manifest names); a mismatch is an error.
+        optimizer_kind: ``"adam"`` or ``"sgd"``: which tuned peak a residual policy
+            (one trained over a base schedule, see :mod:`rlhpo.residual`) starts
+            from. Default: read from ``optimizer``'s class (``SGD`` is sgd, anything
+            else adam).
+        interval_samples: samples of the next interval (a residual policy averages
+            its schedule over it). Default: the last interval's, or 1/20 of the
+            budget before the first.
         apply: False computes decisions without changing anything (for measuring).
         seed: seeds action sampling when ``deterministic`` is False.
     """
@@ -270,9 +280,11 @@ class Controller:
         rollback: bool = True,
         explode_factor: float = EXPLODE_FACTOR,
         lr_backoff: float = 0.25,
-        collapse: bool | CollapseRule = False,
+        collapse: bool | CollapseRule = True,
         n_val: int | None = None,
         obs_version: int | None = None,
+        optimizer_kind: str | None = None,
+        interval_samples: int | None = None,
         apply: bool = True,
         seed: int = 0,
     ):
@@ -329,6 +341,16 @@ class Controller:
                 f"encoder v{obs_version}; this policy was trained with v{policy.obs_version}"
             )
         self.encoder: ObservationEncoder = encoder_class(policy.obs_version)(knob_space)
+        self.base = policy.base_schedule
+        if optimizer_kind is None:
+            optimizer_kind = type(optimizer).__name__ if optimizer is not None else "adam"
+        self.optimizer_kind = optimizer_kind
+        if interval_samples is not None and (
+            isinstance(interval_samples, bool) or int(interval_samples) < 1
+        ):
+            raise ValueError(f"interval_samples must be a positive int, got {interval_samples!r}")
+        self.interval_samples = None if interval_samples is None else int(interval_samples)
+        self._last_interval = 0
         self._batch_losses: list[float] = []
         self.codec = ActionCodec(knob_space, freeze=self.freeze)
         self.deterministic = bool(deterministic)
@@ -351,8 +373,10 @@ class Controller:
         hp = {
             k.name: live.get(k.name, k.lowest(self.space.bounds(k.name))) for k in knob_space.knobs
         }
+        if self.base is not None:  # a residual policy owns the lr: its level starts at the peak
+            hp[LR.name] = self.base.peak(self.optimizer_kind)
         clipped = self.space.clip_all(hp)
-        if clipped != hp:
+        if clipped != hp and self.base is None:
             log.warning(
                 "rlhpo controller: starting hyperparameters %s clipped to the policy's space %s",
                 hp,
@@ -364,6 +388,7 @@ class Controller:
         self._good = _RunState()
         self._best = _RunState()
         self._best_score = -math.inf
+        self._best_record = None
         self._lr_cap: float | None = None
         self._snapshot()
 
@@ -392,6 +417,7 @@ class Controller:
         kwargs.setdefault("metric", trainee.metric)
         kwargs.setdefault("space", trainee.space)
         kwargs.setdefault("n_classes", trainee.data.n_classes)
+        kwargs.setdefault("n_val", int(trainee.data.y_val.shape[0]))
         return cls(
             policy,
             optimizer=trainee.optimizer,
@@ -485,6 +511,7 @@ class Controller:
             raise ValueError(
                 f"samples is cumulative and cannot go down: got {samples} after {self.samples}"
             )
+        self._last_interval = int(samples) - self.samples
         self.samples = int(samples)
         self.interval += 1
         if batch_losses is None and self._batch_losses:
@@ -547,13 +574,25 @@ class Controller:
         """Write ``hp`` into the run; frozen knobs are never written (only ``force``d
         ones: the safety net's lr back-off)."""
         skip = [k for k in self.freeze if k not in force]
+        if self.base is not None:
+            # Residual: the policy's lr is a level; the run trains at level x the
+            # schedule's shape over the next interval (rlhpo.residual).
+            level = float(self.space.clip(LR.name, hp[LR.name]))
+            nxt = self.interval_samples or self._last_interval or max(self.budget_samples // 20, 1)
+            lr = self.base.lr(level, self.samples, nxt, self.budget_samples)
+            written = self.space.write(self._live, {**hp, LR.name: lr}, skip=skip) if self.apply else {}
+            self.hp = {k: written.get(k, hp[k]) for k in self.knobs}
+            self.hp[LR.name] = level
+            self.lr_in_force = float(written.get(LR.name, lr))
+            return
         written = self.space.write(self._live, hp, skip=skip) if self.apply else {}
         self.hp = {k: written.get(k, hp[k]) for k in self.knobs}
+        self.lr_in_force = float(self.hp[LR.name])
 
     def _refresh_lr(self) -> None:
         # A scheduler moves the lr between decisions; the policy sees the lr in force,
-        # as the environment's trainee reports it.
-        if self.optimizer is not None and self.apply:
+        # as the environment's trainee reports it. A residual policy sees its level.
+        if self.optimizer is not None and self.apply and self.base is None:
             live = get_learning_rate(self.optimizer)
             clipped = float(self.space.clip(LR.name, live))
             if clipped != live and not self._warned_lr_clip:
@@ -576,6 +615,7 @@ class Controller:
         score = self.history.last.val_score if self.history.records else -math.inf
         if self.collapse is not None and score > self._best_score:
             self._best_score = score
+            self._best_record = self.history.last if self.history.records else None
             if self.rollback:
                 self._best.save(self)
             else:
@@ -591,7 +631,18 @@ class Controller:
         # The best state is the last good one now, and the history goes on from it.
         if self.rollback:
             self._good.save(self)
-        self.history.records.pop()
+        # As in the env (one rule, one behaviour): the interval counts with the
+        # restored state's evaluation, and the policy decides from there under the cap.
+        last = self.history.records.pop()
+        rec = self._best_record
+        self.history.records.append(
+            dataclasses.replace(
+                last,
+                val_loss=rec.val_loss if rec is not None else last.val_loss,
+                val_score=self._best_score,
+                hp=dict(self.hp),
+            )
+        )
         msg = (
             f"rlhpo controller: collapse at interval {self.interval} ({reason}); restored "
             f"{', '.join(restored) or 'nothing'} of interval {best.interval}; lr capped at "
@@ -600,9 +651,14 @@ class Controller:
         log.warning(msg)
         self.events.append(msg)
         self.done = self.samples >= self.budget_samples
-        return Decision(
-            dict(self.hp), self.interval, rolled_back=True, done=self.done, events=(msg,)
-        )
+        if self.done:
+            obs = self.encoder.encode(self.history)
+            return Decision(
+                dict(self.hp), self.interval, observation=obs, rolled_back=True, done=True,
+                events=(msg,),
+            )
+        d = self._decide()
+        return dataclasses.replace(d, rolled_back=True, events=(msg,))
 
     def _roll_back(self, reason: str) -> Decision:
         good = self._good

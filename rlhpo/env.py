@@ -12,6 +12,7 @@ from gymnasium import spaces
 
 from rlhpo.actions import ActionCodec
 from rlhpo.knobs import BATCH_SIZE, LR, check_knob
+from rlhpo.residual import BaseSchedule
 from rlhpo.observation import (
     MetricHistory,
     ObservationEncoder,
@@ -46,6 +47,7 @@ class EnvConfig:
     lr_scale: tuple[float, float] = (1.0, 1.0)
     collapse_k: float | None = None
     obs_version: int = 1
+    base_schedule: BaseSchedule | str | dict | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -79,6 +81,8 @@ class EnvConfig:
             encoder_class(self.obs_version)
         except ValueError as e:
             raise ValueError(f"obs_version: {e}") from None
+        suite_name = self.suite.name if isinstance(self.suite, Suite) else str(self.suite)
+        put("base_schedule", BaseSchedule.of(self.base_schedule, suite_name))
 
     @classmethod
     def of(cls, config: Any = None, **overrides: Any) -> EnvConfig:
@@ -176,6 +180,12 @@ class HPOEnv(gym.Env):
       or 2 (:class:`rlhpo.observation.ObservationEncoderV2`: lr relative to the
       start, plus the run's response since the last lr change and the training
       loss's slope and noise within the interval). Policies record it.
+    - ``base_schedule``: off (None, default), or ``"warmup-cosine"`` (the peaks
+      tuned on the suite's train split) or a :class:`rlhpo.residual.BaseSchedule`:
+      residual control. The policy's lr is then a level that starts at the
+      schedule's peak for the task's optimizer (the start's lr is replaced), and
+      each interval trains at the level x the warm-up + cosine shape averaged over
+      the interval (x ``lr_scale``'s factor), so "keep" reproduces the schedule.
     - ``timing``: add the run's training wall time (``wall_time``, seconds) to
       ``info``. Off by default so that ``info`` is deterministic under a seed;
       ``env.trainee.wall_time`` always has it.
@@ -206,6 +216,8 @@ class HPOEnv(gym.Env):
         self.knobs = knob_sets.pop()
         self.lr_scale = cfg.lr_scale
         self._lr_c = 1.0
+        self.base: BaseSchedule | None = cfg.base_schedule
+        self._level: float | None = None
         self.split = cfg.split
         self.tasks: dict[str, TaskSpec] = {
             s.name: (s.scaled(cfg.budget_scale) if cfg.budget_scale != 1.0 else s) for s in specs
@@ -256,6 +268,9 @@ class HPOEnv(gym.Env):
             )
         task = self.tasks[name]
         start = self._start_hp(task, options)
+        if self.base is not None:  # the residual policy owns the lr: its level starts at the peak
+            start = {**start, LR.name: task.space.clip(LR.name, self.base.peak(task.optimizer))}
+        self._level = float(start[LR.name]) if self.base is not None else None
         lo, hi = self.lr_scale
         # Drawn only when on, so that the default keeps every seed's episode as it was.
         c = float(math.exp(self.np_random.uniform(math.log(lo), math.log(hi)))) if hi > lo else lo
@@ -309,7 +324,9 @@ class HPOEnv(gym.Env):
         """The run's hyperparameters as the policy sets and sees them (the learning
         rate before the episode's ``lr_scale`` factor)."""
         hp = dict(self.trainee.hp)
-        if self._lr_c != 1.0:
+        if self._level is not None:
+            hp[LR.name] = self._level
+        elif self._lr_c != 1.0:
             hp[LR.name] = hp[LR.name] / self._lr_c
         return hp
 
@@ -331,11 +348,15 @@ class HPOEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         task, tr = self.spec_task, self.trainee
         hp = self.codec.decode(action, self.hp)
-        lr = hp[LR.name] * self._lr_c
-        if self._lr_cap is not None:
-            lr = min(lr, self._lr_cap)
-        tr.set_hp(**{**hp, LR.name: lr})
-        return min(task.interval_samples, task.budget_samples - tr.samples_seen)
+        if self._lr_cap is not None:  # after a collapse (the lr as the policy sees it)
+            hp[LR.name] = min(hp[LR.name], self._lr_cap)
+        n = min(task.interval_samples, task.budget_samples - tr.samples_seen)
+        lr = hp[LR.name]
+        if self.base is not None:
+            self._level = float(hp[LR.name])
+            lr = self.base.lr(lr, tr.samples_seen, n, task.budget_samples)
+        tr.set_hp(**{**hp, LR.name: lr * self._lr_c})
+        return n
 
     def _end_step(self, stats, ev: dict[str, float]):
         """Reward, observation and info after the interval was trained and evaluated."""
@@ -386,15 +407,19 @@ class HPOEnv(gym.Env):
         scores = [r.val_score for r in self.history.records] + [score]
         why = self.collapse.check(scores, int(tr.data.y_val.shape[0]), self.n_classes)
         if why is not None and self._best is not None:
-            tr.restore(self._best["snap"])
+            tr.restore(self._best["snap"], data=False)
+            # Capped as the policy sees the lr (its level, or the lr before lr_scale).
             self._lr_cap = self._best["lr_at_best"] * self.collapse.lr_cap
-            tr.set_hp(**{LR.name: min(tr.hp[LR.name], self._lr_cap)})
+            if self._level is not None:
+                self._level = min(self._best["lr_at_best"], self._lr_cap)
+            else:
+                tr.set_hp(**{LR.name: min(tr.hp[LR.name], self._lr_cap * self._lr_c)})
             return why
         if self._best is None or score > self._best["score"]:
             self._best = {
                 "snap": tr.snapshot(),
                 "score": score,
-                "lr_at_best": tr.hp[LR.name],
+                "lr_at_best": self.hp[LR.name],
                 "ev": dict(ev),
             }
         return None
@@ -417,6 +442,8 @@ class HPOEnv(gym.Env):
         }
         if self._lr_c != 1.0:
             info["lr_scale"] = self._lr_c
+        if self.base is not None:  # hp["lr"] is the policy's level; this is what trains
+            info["lr_in_force"] = float(tr.hp[LR.name])
         if self.timing:
             info["wall_time"] = tr.wall_time
         return info

@@ -120,6 +120,27 @@ class Policy:
         return int(self.manifest["encoder"]["version"])
 
     @property
+    def base_schedule(self):
+        """The schedule a residual policy moves a level over (None: the policy sets
+        the lr itself); see :mod:`rlhpo.residual`."""
+        from rlhpo.residual import BaseSchedule
+
+        raw = (self.manifest.get("env") or {}).get("base_schedule")
+        return None if raw is None else BaseSchedule.from_json(raw)
+
+    @property
+    def collapse_k(self) -> float | None:
+        """The collapse guard's ``k`` the policy was trained with (None: trained without)."""
+        k = (self.manifest.get("env") or {}).get("collapse_k")
+        return None if k is None else float(k)
+
+    def env_overrides(self) -> dict[str, Any]:
+        """The :class:`rlhpo.env.EnvConfig` fields that make an env act as the one the
+        policy was trained in (observation encoder, base schedule)."""
+        base = self.base_schedule
+        return {"obs_version": self.obs_version, "base_schedule": base}
+
+    @property
     def freeze(self) -> tuple[str, ...]:
         return tuple(self.manifest.get("freeze", ()))
 
@@ -348,6 +369,19 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
         raise PolicyFileError(
             f"{where}: freeze must be a list of knob names from {knobs}, got {_short(freeze)}"
         )
+    env = m.get("env", {})
+    if not isinstance(env, dict):
+        raise PolicyFileError(f"{where}: env must be an object, got {_short(env)}")
+    if env.get("base_schedule") is not None:
+        from rlhpo.residual import BaseSchedule, BaseScheduleError
+
+        try:
+            BaseSchedule.from_json(env["base_schedule"])
+        except BaseScheduleError as e:
+            raise PolicyFileError(f"{where}: env.{e}") from None
+    k = env.get("collapse_k")
+    if k is not None and not (isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e6):
+        raise PolicyFileError(f"{where}: env.collapse_k must be a number > 0 or null, got {_short(k)}")
     return m
 
 

@@ -15,14 +15,17 @@ from rlhpo.policy import PolicyNet, load_policy, save_policy
 from rlhpo.trainees import build_trainee
 
 
-def random_policy(path, seed=0, gain=8.0, obs_version=1):
+def random_policy(path, seed=0, gain=8.0, obs_version=1, env=None):
     """A randomly initialised policy; ``gain`` scales its output so that its
     argmax actions vary with the observation (not one action everywhere)."""
     torch.manual_seed(seed)
     net = PolicyNet(obs_dim=encoder_class(obs_version).SIZE)
     with torch.no_grad():
         net.action_net.weight.mul_(gain)
-    return save_policy(path, net, obs_version=obs_version, suite="default", agent="test-random")
+    extra = {} if env is None else {"env": env}
+    return save_policy(
+        path, net, obs_version=obs_version, suite="default", agent="test-random", **extra
+    )
 
 
 def forced_policy(path, lr=3, batch=2, dropout=2):
@@ -39,35 +42,64 @@ def forced_policy(path, lr=3, batch=2, dropout=2):
 
 
 @pytest.mark.parametrize(
-    "task,seed,obs_version",
+    "task,seed,obs_version,mode",
     [
-        ("digits-mlp", 3, 1),
-        ("friedman-mlp", 1, 1),
-        ("seq-transformer", 2, 1),
-        ("digits-mlp", 3, 2),
-        ("friedman-mlp", 1, 2),
+        ("digits-mlp", 3, 1, "plain"),
+        ("friedman-mlp", 1, 1, "plain"),
+        ("seq-transformer", 2, 1, "plain"),
+        ("digits-mlp", 3, 2, "plain"),
+        ("friedman-mlp", 1, 2, "plain"),
+        ("friedman-mlp", 1, 1, "guard"),
+        ("digits-mlp", 3, 2, "residual"),
+        ("friedman-mlp", 1, 2, "residual"),
     ],
 )
-def test_controller_observations_equal_env(tmp_path, task, seed, obs_version):
-    policy = load_policy(random_policy(tmp_path / "pol", seed=seed, obs_version=obs_version))
+def test_controller_observations_equal_env(tmp_path, task, seed, obs_version, mode):
+    """The env and the Controller are one implementation: equal observations and
+    hyperparameters, with the guard on in both, and over a base schedule."""
+    from rlhpo.residual import BaseSchedule
+
+    base = BaseSchedule((("adam", 0.01), ("sgd", 0.05))) if mode == "residual" else None
+    env_rec = None if base is None else {"base_schedule": base.to_json(), "collapse_k": 3.0}
+    policy = load_policy(
+        random_policy(tmp_path / "pol", seed=seed, obs_version=obs_version, env=env_rec)
+    )
     assert policy.obs_version == obs_version
+    guard = mode != "plain"
     env = HPOEnv(
-        "default-v1", split="all", tasks=[task], budget_scale=0.05, obs_version=obs_version
+        "default-v1",
+        split="all",
+        tasks=[task],
+        budget_scale=0.05,
+        collapse_k=3.0 if guard else None,
+        **policy.env_overrides(),
     )
     spec = env.tasks[task]
     obs, info = env.reset(seed=seed, options={"task": task, "start": "default"})
 
     tr = build_trainee(spec, spec.default, seed=run_seed_for(seed))
-    ctl = Controller.for_trainee(policy, tr, budget_samples=spec.budget_samples)
+    ctl = Controller.for_trainee(
+        policy,
+        tr,
+        budget_samples=spec.budget_samples,
+        collapse=guard,
+        interval_samples=spec.interval_samples,
+    )
+    if base is not None:
+        assert ctl.hp["lr"] == info["hp"]["lr"] == 0.01  # the level starts at the peak
     ev = tr.evaluate()
     d = ctl.start(val_loss=ev["loss"], val_score=ev["score"])
     np.testing.assert_array_equal(d.observation, obs)
 
-    hps, done, trends = set(), False, 0
+    hps, done, trends, shaped = set(), False, 0, 0
     while not done:
         action = policy.act(obs)
         np.testing.assert_array_equal(d.action, action)
+        lr_set = tr.hp["lr"]  # what the controller set for the coming interval
         obs, _, term, trunc, info = env.step(action)
+        if base is not None:  # the lr in force follows the schedule, alike in both
+            assert info["lr_in_force"] == pytest.approx(lr_set, rel=1e-9)
+            shaped += lr_set != pytest.approx(info["hp"]["lr"])  # the shape moved it off the level
         done = term or trunc
         assert not info["diverged"]
         st = tr.train(min(spec.interval_samples, spec.budget_samples - tr.samples_seen))
@@ -95,6 +127,7 @@ def test_controller_observations_equal_env(tmp_path, task, seed, obs_version):
     assert d.done and ctl.done and tr.samples_seen == spec.budget_samples
     assert len(hps) >= 3, "the policy must actually change hyperparameters for this test to bite"
     assert obs_version == 1 or trends >= 2, "v2's loss trend must be seen for this test to bite"
+    assert base is None or shaped >= 2, "the schedule must move the lr for this test to bite"
 
 
 def _small_run(tmp_path, **kw):

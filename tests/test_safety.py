@@ -72,13 +72,18 @@ def test_controller_rolls_back_on_a_validation_loss_blow_up(tmp_path):
     assert d.lr == pytest.approx(1e-3 * 0.25)
 
 
-def test_collapse_guard_is_off_by_default_and_restores_the_best_state(tmp_path, caplog):
+def test_collapse_guard_is_on_by_default_and_restores_the_best_state(tmp_path, caplog):
     scores = [0.9, 0.92, 0.5]
-    _, _, off = _run(tmp_path)
+    _, _, off = _run(tmp_path, collapse=False)
     off.start(val_loss=1.0, val_score=0.4)
     for i, s in enumerate(scores):
         d = off.step(train_loss=0.5, val_loss=0.5, val_score=s, samples=100 * (i + 1))
     assert not d.rolled_back
+    _, _, on = _run(tmp_path)  # the default: on
+    on.start(val_loss=1.0, val_score=0.4)
+    for i, s in enumerate(scores):
+        d = on.step(train_loss=0.5, val_loss=0.5, val_score=s, samples=100 * (i + 1))
+    assert d.rolled_back and "collapse" in d.events[0]
 
     model, opt, ctl = _run(tmp_path, collapse=True, n_val=1000)
     ctl.start(val_loss=1.0, val_score=0.4)

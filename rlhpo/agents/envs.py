@@ -44,6 +44,12 @@ class EnvSettings:
     """Env's per-episode learning-rate factor range (domain randomisation; see HPOEnv)."""
     obs_version: int = 1
     """Observation encoder version (1 or 2; see HPOEnv); the policy file records it."""
+    collapse_k: float = 0.0
+    """The do-no-harm guard during training (:class:`rlhpo.safety.CollapseRule`'s k;
+    0 = off), so the policy learns with it; the policy file records it."""
+    base_schedule: str = "none"
+    """``"none"`` or ``"warmup-cosine"``: residual control over the schedule tuned on
+    the suite's train split (see :mod:`rlhpo.residual`); the policy file records it."""
 
     def env_config(self, suite: str) -> EnvConfig:
         """The training env's config (with the run's wall time in ``info``)."""
@@ -51,6 +57,8 @@ class EnvSettings:
             raise ValueError(
                 "split must not be 'test': test tasks are never used to train a policy"
             )
+        if self.collapse_k < 0:
+            raise ValueError(f"collapse_k must be >= 0 (0 = off), got {self.collapse_k!r}")
         if len(self.lr_scale) != 2:
             raise ValueError(f"lr_scale must be [low, high], got {list(self.lr_scale)}")
         return EnvConfig(
@@ -62,5 +70,20 @@ class EnvSettings:
             freeze=tuple(self.freeze),
             lr_scale=tuple(self.lr_scale),
             obs_version=self.obs_version,
+            collapse_k=self.collapse_k if self.collapse_k > 0 else None,
+            base_schedule=self.base_schedule,
             timing=True,
         )
+
+    def env_record(self, config: EnvConfig) -> dict[str, Any]:
+        """What a policy file records of the env it was trained in."""
+        base = config.base_schedule
+        return {
+            "compute_penalty": self.compute_penalty,
+            "budget_scale": self.budget_scale,
+            "freeze": list(self.freeze),
+            "lr_scale": list(self.lr_scale),
+            "obs_version": self.obs_version,
+            "collapse_k": config.collapse_k,
+            "base_schedule": None if base is None else base.to_json(),
+        }

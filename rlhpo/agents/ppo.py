@@ -84,9 +84,38 @@ class PPOSettings(EnvSettings):
     """Seconds between checkpoints (written after a PPO update); 0: after every update."""
     log_window: int = 100
     """Episodes in the running mean return."""
+    noop_bias: float = 0.0
+    """Added to the initial logit of each action dimension's "keep" choice, so that
+    the untrained policy's most likely action keeps everything as it is. With a
+    base schedule that is the calibrated schedule itself: training starts from it
+    and moves away only where the reward says so (residual policy learning)."""
 
 
 def _build_model(s: PPOSettings, venv, seed: int):
+    from stable_baselines3 import PPO
+
+    model = _new_ppo(s, venv, seed)
+    if s.noop_bias:
+        _bias_noop(model, venv, s.noop_bias)
+    return model
+
+
+def _bias_noop(model, venv, bias: float) -> None:
+    """Raise each action dimension's "keep" logit by ``bias`` (initial policy only)."""
+    import torch
+
+    from rlhpo.actions import noop_of
+
+    knobs = venv.get_attr("knobs", indices=[0])[0]
+    noop, nvec = noop_of(knobs), model.action_space.nvec
+    with torch.no_grad():
+        start = 0
+        for n, k in zip(nvec, noop, strict=True):
+            model.policy.action_net.bias[start + int(k)] += float(bias)
+            start += int(n)
+
+
+def _new_ppo(s: PPOSettings, venv, seed: int):
     from stable_baselines3 import PPO
 
     return PPO(
@@ -365,13 +394,7 @@ def train_ppo(
             if run.tracer.final_scores
             else None,
             "mean_over_episodes": len(run.tracer.returns),
-            "env": {
-                "compute_penalty": settings.compute_penalty,
-                "budget_scale": settings.budget_scale,
-                "freeze": list(settings.freeze),
-                "lr_scale": list(settings.lr_scale),
-                "obs_version": settings.obs_version,
-            },
+            "env": settings.env_record(settings.env_config(suite)),
             "freeze": list(settings.freeze),
             "compute_charge": COMPUTE_NOTE,
             "resumes": run.resumes,

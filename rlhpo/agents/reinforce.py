@@ -271,13 +271,7 @@ def train_reinforce(
             if tracer.final_scores
             else None,
             "mean_over_episodes": len(tracer.returns),
-            "env": {
-                "compute_penalty": s.compute_penalty,
-                "budget_scale": s.budget_scale,
-                "freeze": list(s.freeze),
-                "lr_scale": list(s.lr_scale),
-                "obs_version": s.obs_version,
-            },
+            "env": s.env_record(env.unwrapped.config),
             "freeze": list(s.freeze),
             "compute_charge": COMPUTE_NOTE,
             "resumes": resumes,

@@ -116,8 +116,15 @@ def tuned_file() -> Path:
     return calibrated_dir() / TUNED_FILE
 
 
-def tuned_peak(suite_name: str) -> tuple[float, str]:
-    """The tuned peak lr for ``suite_name`` and where it came from.
+def optimizer_kind(optimizer: str) -> str:
+    """``"sgd"`` or ``"adam"`` (Adam, AdamW and other adaptive optimizers): the two
+    families whose good learning rates differ by an order of magnitude."""
+    return "sgd" if str(optimizer).lower() == "sgd" else "adam"
+
+
+def tuned_peak(suite_name: str, optimizer: str | None = None) -> tuple[float, str]:
+    """The tuned peak lr for ``suite_name`` (and ``optimizer``'s kind, where the file
+    holds one per kind) and where it came from.
 
     A suite without its own entry uses the ``default`` suite's value (its tasks were
     never seen by that tuning either); the returned source says so.
@@ -133,7 +140,13 @@ def tuned_peak(suite_name: str) -> tuple[float, str]:
     key = suite_name if suite_name in suites else "default"
     if key not in suites:
         raise ValueError(f"{path} holds no entry for suite {suite_name!r} nor 'default'")
-    peak = float(suites[key]["peak_lr"])
+    entry = suites[key]
+    by_kind = entry.get("peak_lr_by_optimizer") or {}
+    kind = optimizer_kind(optimizer) if optimizer is not None else None
+    if kind is not None and kind in by_kind:
+        peak, what = float(by_kind[kind]), f" for {kind}"
+    else:
+        peak, what = float(entry["peak_lr"]), ""
     if not (math.isfinite(peak) and peak > 0):
         raise ValueError(f"{path}: peak_lr for suite {key!r} must be > 0, got {peak!r}")
-    return peak, f"tuned on {key}/train ({path.name})"
+    return peak, f"tuned on {key}/train{what} ({path.name})"

@@ -256,8 +256,13 @@ class Trainee:
             }
         )
 
-    def restore(self, snap: dict[str, Any]) -> None:
-        """Go back to a snapshot. Sample/step/time counters keep counting (work was done)."""
+    def restore(self, snap: dict[str, Any], data: bool = True) -> None:
+        """Go back to a snapshot. Sample/step/time counters keep counting (work was done).
+
+        ``data=False`` restores the model, optimizer, scheduler and knobs only: the
+        data order and random state go on from where they are, which is all a
+        controller in a user's own loop can do (the env's collapse guard does this,
+        so that env and :class:`rlhpo.controller.Controller` act alike)."""
         snap = copy.deepcopy(snap)
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
@@ -265,8 +270,9 @@ class Trainee:
             self.scheduler.load_state_dict(snap["scheduler"])
         # The optimizer's state holds its knobs (lr, ...); the others are written back.
         self.space.write(self.live, snap["hp"], skip=(LR.name,))
-        self._order.set_state(snap)
-        self._torch_state = snap["torch_state"]
+        if data:
+            self._order.set_state(snap)
+            self._torch_state = snap["torch_state"]
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,17 @@ def _policy(path: str):
 @dataclass(frozen=True)
 class PolicyMethod(Method):
     """``policy:DIR`` or ``policy:NAME`` (a shipped policy, e.g. ``policy:default``);
-    ``?freeze=batch_size,dropout`` keeps those knobs at their start values."""
+    ``?freeze=batch_size,dropout`` keeps those knobs at their start values;
+    ``?guard=off`` runs without the do-no-harm guard (on by default, with the ``k``
+    the policy was trained with, else :data:`rlhpo.safety.COLLAPSE_K`)."""
 
     policy_dir: str | None = None
     freeze: tuple[str, ...] = ()
+    guard: bool = True
 
     kind: ClassVar[str] = "policy"
-    syntax: ClassVar[str] = "policy:DIR|NAME[?freeze=KNOB,...]"
-    options: ClassVar[frozenset[str]] = frozenset({"freeze"})
+    syntax: ClassVar[str] = "policy:DIR|NAME[?freeze=KNOB,...][&guard=off]"
+    options: ClassVar[frozenset[str]] = frozenset({"freeze", "guard"})
     takes_arg: ClassVar[bool] = True
 
     @classmethod
@@ -54,10 +57,15 @@ class PolicyMethod(Method):
                 check_knob(k)
             except KnobError as e:
                 raise text.error(f"freeze: {e}") from None
+        guard_text = text.params.get("guard", "on")
+        if guard_text not in ("on", "off"):
+            raise text.error(f"guard must be on or off, got {guard_text!r}")
         label = text.name or "policy:" + (Path(text.arg).name or text.arg)
         if freeze and not text.name:
             label += "-freeze-" + "+".join(freeze)
-        return cls(text.raw, label, policy_dir=text.arg, freeze=freeze)
+        if guard_text == "off" and not text.name:
+            label += "-noguard"
+        return cls(text.raw, label, policy_dir=text.arg, freeze=freeze, guard=guard_text == "on")
 
     def resolve(self, suite_name: str, specs: list[TaskSpec]) -> PolicyMethod:
         from rlhpo.policy import PolicyFileError, load_policy
@@ -71,7 +79,7 @@ class PolicyMethod(Method):
     def setup(self) -> dict[str, Any]:
         # Where the policy lives may change (the shipped ones moved into the package);
         # its weights are compared through fingerprint() instead.
-        return {"freeze": self.freeze}
+        return {"freeze": self.freeze, "guard": self.guard}
 
     def fingerprint(self) -> str:
         """sha256 of the weights file: a resumed comparison must not mix two policies
@@ -96,16 +104,27 @@ class PolicyMethod(Method):
         policy = _policy(str(self.policy_dir))
         suite = Suite(name=cell.suite_name, tasks={spec.name: spec}, train=(spec.name,), test=())
         freeze = tuple(sorted(set(self.freeze) | set(policy.freeze)))
-        env = HPOEnv(suite, split="train", freeze=freeze, timing=True)
+        from rlhpo.safety import COLLAPSE_K
+
+        k = (policy.collapse_k or COLLAPSE_K) if self.guard else None
+        env = HPOEnv(
+            suite,
+            split="train",
+            freeze=freeze,
+            timing=True,
+            collapse_k=k,
+            **policy.env_overrides(),
+        )
         preload(spec)
         hp = start_hp(spec, cell.start)
         t0 = time.perf_counter()
         obs, info = env.reset(seed=cell.seed, options={"task": spec.name, "hp": hp})
         trace = [_env_row(info, t0)]
-        done = False
+        done, collapses = False, 0
         while not done:
             obs, _, term, trunc, info = env.step(policy.act(obs))
             trace.append(_env_row(info, t0))
+            collapses += "collapse" in info
             done = term or trunc
         wall = time.perf_counter() - t0
         train_time = env.trainee.wall_time
@@ -126,7 +145,7 @@ class PolicyMethod(Method):
             intervals=info["interval"],
             trace=trace,
         )
-        return CellRun(out)
+        return CellRun(out, detail={"guard": self.guard, "collapses": collapses})
 
 
 def _env_row(info: dict[str, Any], t0: float) -> dict[str, Any]:
@@ -139,7 +158,7 @@ def _env_row(info: dict[str, Any], t0: float) -> dict[str, Any]:
         "norm_val_score": info["val_norm_score"],
         "val_loss": info["val_loss"],
         "train_loss": info["train_loss"],
-        "lr": info["hp"]["lr"],
+        "lr": info.get("lr_in_force", info["hp"]["lr"]),
         "batch_size": info["hp"]["batch_size"],
         "dropout": info["hp"]["dropout"],
         "diverged": info["diverged"],

@@ -114,6 +114,9 @@ class WarmupCosineMethod(Method):
 
     peak: float | None = None
     peak_source: str = ""
+    #: Tuned peaks per optimizer kind (``rlhpo.baselines.schedules.optimizer_kind``);
+    #: empty when ``peak`` was given or the tuning file holds one peak only.
+    peaks: tuple[tuple[str, float], ...] = ()
 
     kind: ClassVar[str] = "warmup-cosine"
     syntax: ClassVar[str] = "warmup-cosine[?peak=LR]"
@@ -136,18 +139,33 @@ class WarmupCosineMethod(Method):
 
         try:
             peak, source = tuned_peak(suite_name)
+            peaks = {k: tuned_peak(suite_name, k) for k in ("adam", "sgd")}
         except (FileNotFoundError, ValueError) as e:
             raise MethodError(f"method {self.raw!r}: {e}") from None
+        if len({p for p, _ in peaks.values()}) > 1:
+            return replace(
+                self,
+                peak=peak,
+                peak_source=peaks["adam"][1].replace(" for adam", " per optimizer kind"),
+                peaks=tuple((k, p) for k, (p, _) in peaks.items()),
+            )
         return replace(self, peak=peak, peak_source=source)
+
+    def peak_for(self, spec: TaskSpec) -> float:
+        """The peak lr of a run of ``spec`` (its optimizer kind's, where tuned per kind)."""
+        from rlhpo.baselines.schedules import optimizer_kind
+
+        return dict(self.peaks).get(optimizer_kind(spec.optimizer), self.peak)
 
     def run(self, cell: Cell) -> CellRun:
         from rlhpo.baselines import run_single, schedule_for
 
         spec = cell.spec
-        hp = {**spec.default, "lr": self.peak}
+        peak = self.peak_for(spec)
+        hp = {**spec.default, "lr": peak}
         scheduler = schedule_for(self.kind, spec, hp["batch_size"])
         out = run_single(spec, hp, _seed(cell), scheduler=scheduler)
-        return CellRun(out, detail={"peak_lr": self.peak, "peak_source": self.peak_source})
+        return CellRun(out, detail={"peak_lr": peak, "peak_source": self.peak_source})
 
     @classmethod
     def notes(cls, rows: list[dict[str, Any]]) -> list[str]:
@@ -156,8 +174,11 @@ class WarmupCosineMethod(Method):
             if r["method"] not in seen:
                 d = json.loads(r["detail"] or "{}")
                 seen.add(r["method"])
+                peaks = sorted(
+                    {json.loads(x["detail"] or "{}").get("peak_lr") for x in rows if x["method"] == r["method"]}
+                )
                 notes.append(
-                    f"- `{r['method']}`: peak lr {d.get('peak_lr')} ({d.get('peak_source')}), "
+                    f"- `{r['method']}`: peak lr {', '.join(str(p) for p in peaks)} ({d.get('peak_source')}), "
                     "warm-up over the first 10% of the steps from peak/25, then cosine to 0."
                 )
         return notes

@@ -1,0 +1,116 @@
+"""Residual control over a base schedule (rlhpo.residual) and the do-no-harm guard's
+place in training and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rlhpo.actions import ActionCodec
+from rlhpo.baselines.schedules import WarmupCosine
+from rlhpo.env import HPOEnv
+from rlhpo.policy import PolicyFileError, load_policy
+from rlhpo.residual import BaseSchedule, BaseScheduleError
+
+BASE = BaseSchedule((("adam", 0.01), ("sgd", 0.05)))
+
+
+def test_shape_is_the_warmup_cosine_baselines_shape():
+    total = 1000
+    wc = WarmupCosine(total)
+    for step in (0, 50, 100, 101, 400, 999):
+        assert BASE.shape(step / total) == pytest.approx(wc(step), abs=2e-3)
+    # An interval trains at the shape's mean over it, not at its start.
+    assert BASE.interval_multiplier(0.0, 0.1) == pytest.approx(0.52, abs=1e-6)
+    assert BASE.interval_multiplier(0.9, 1.0) < 0.03
+    assert BASE.lr(0.02, 0, 100, 1000) == pytest.approx(0.02 * 0.52, rel=1e-6)
+
+
+def test_peaks_per_optimizer_kind_and_json_round_trip():
+    assert BASE.peak("adam") == BASE.peak("AdamW") == 0.01
+    assert BASE.peak("sgd") == BASE.peak("SGD") == 0.05
+    assert BaseSchedule.from_json(json.loads(json.dumps(BASE.to_json()))) == BASE
+
+
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        ({"kind": "cosine", "peaks": {"adam": 0.01}}, "kind must be one of warmup-cosine"),
+        ({"peaks": {"adam": -1}}, "peak for 'adam' must be in (0, 10]"),
+        ({"peaks": {"rmsprop": 0.01}}, "optimizer kinds are adam, sgd"),
+        ({"peaks": 0.01}, "peaks must be an object"),
+        ({"peaks": {"adam": 0.01}, "warmup": 1.5}, "warmup must be in [0, 1)"),
+        ({"peaks": {"adam": 0.01}, "extra": 1}, "unknown keys ['extra']"),
+    ],
+)
+def test_bad_base_schedules_are_one_line_errors(raw, needle):
+    with pytest.raises(BaseScheduleError) as e:
+        BaseSchedule.from_json(raw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_env_config_rejects_an_unknown_schedule_name():
+    with pytest.raises(BaseScheduleError, match="base_schedule must be none or one of"):
+        HPOEnv("tiny", base_schedule="one-cycle")
+
+
+def _episode(env, seed, action):
+    obs, info = env.reset(seed=seed, options={"start": "default"})
+    lrs, done = [], False
+    while not done:
+        obs, _, term, trunc, info = env.step(action)
+        lrs.append(info["lr_in_force"])
+        done = term or trunc
+    return info, lrs
+
+
+def test_keep_runs_the_schedule_and_ignores_the_start():
+    env = HPOEnv("tiny", tasks=["bc-mlp"], base_schedule=BASE, budget_scale=0.2)
+    keep = np.array(ActionCodec.NOOP)
+    info, lrs = _episode(env, 0, keep)
+    spec = env.tasks["bc-mlp"]
+    assert info["hp"]["lr"] == BASE.peak(spec.optimizer)  # the level never moved
+    n, b = spec.interval_samples, spec.budget_samples
+    want = [BASE.lr(0.01, i * n, min(n, b - i * n), b) for i in range(len(lrs))]
+    np.testing.assert_allclose(lrs, np.maximum(want, 1e-5), rtol=1e-6)
+    assert lrs[0] < 0.01 and lrs[-1] < 0.2 * max(lrs)  # warm-up below the level, then decay
+    # A start far from good changes nothing: the residual policy owns the lr.
+    obs, _ = env.reset(seed=0, options={"hp": {"lr": 1e-5}})
+    assert env.hp["lr"] == 0.01
+    # "lr x2" doubles the level, and with it every later interval's lr.
+    up = keep.copy()
+    up[0] = 3
+    env.reset(seed=0, options={"start": "default"})
+    _, _, _, _, info = env.step(up)
+    assert info["hp"]["lr"] == pytest.approx(0.02)
+    assert info["lr_in_force"] == pytest.approx(2 * lrs[0], rel=1e-6)
+
+
+def test_noop_bias_makes_the_untrained_ppo_policy_keep(tmp_path):
+    from rlhpo.agents.ppo import PPOSettings, train_ppo
+
+    s = PPOSettings(
+        n_envs=2, vec_env="dummy", n_steps=4, batch_size=8, n_epochs=1, noop_bias=3.0,
+        budget_scale=0.05, base_schedule="warmup-cosine", obs_version=2, collapse_k=3.0,
+        freeze=("batch_size", "dropout"),
+    )  # fmt: skip
+    train_ppo(s, tmp_path / "run", suite="tiny", timesteps=8, seed=0, use_wandb=False,
+              show_progress=False)  # fmt: skip
+    pol = load_policy(tmp_path / "run" / "policy")
+    assert pol.base_schedule is not None and pol.collapse_k == 3.0 and pol.obs_version == 2
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(64, pol.net.obs_dim)).astype(np.float32)
+    acts = pol.net.act(obs)
+    assert (acts[:, 0] == ActionCodec.NOOP[0]).mean() > 0.9
+
+
+def test_a_malformed_base_schedule_in_a_policy_file_is_refused(tmp_path):
+    from rlhpo.observation import encoder_class
+    from rlhpo.policy import PolicyNet, save_policy
+
+    net = PolicyNet(obs_dim=encoder_class(2).SIZE)
+    save_policy(tmp_path / "p", net, obs_version=2, env={"base_schedule": {"peaks": {"adam": 50.0}}})
+    with pytest.raises(PolicyFileError, match=r"env\.base_schedule peak for 'adam'"):
+        load_policy(tmp_path / "p")
