@@ -67,7 +67,8 @@ def default_space() -> SearchSpace:
 class Decision:
     """What the controller did at one interval boundary.
 
-    ``hp`` holds the hyperparameters in force from now on (log them). ``action`` is
+    ``hp`` holds the hyperparameters in force from now on (log them; for a residual
+    policy the lr in force, its level times the schedule). ``action`` is
     the policy's raw action (None when the policy was not asked: budget spent, or
     a rollback). ``rolled_back`` says the safety net restored the last good state.
     """
@@ -541,7 +542,7 @@ class Controller:
         if self.samples >= self.budget_samples:
             self.done = True
             obs = self.encoder.encode(self.history)
-            return Decision(dict(self.hp), self.interval, observation=obs, done=True)
+            return Decision(self._hp_in_force(), self.interval, observation=obs, done=True)
         return self._decide()
 
     def observe_loss(self, loss: float | torch.Tensor) -> None:
@@ -555,6 +556,14 @@ class Controller:
         return self.encoder.encode(self.history)
 
     # -- internals ---------------------------------------------------------
+    def _hp_in_force(self) -> dict[str, Any]:
+        """The hyperparameters the run trains with now (a residual policy's lr is its
+        level x the schedule's shape; ``self.hp`` holds the level the policy sees)."""
+        hp = dict(self.hp)
+        if self.base is not None:
+            hp[LR.name] = self.lr_in_force
+        return hp
+
     def _norm(self, raw: float) -> float:
         return normalised_score(self.metric, raw, self.n_classes)
 
@@ -568,7 +577,7 @@ class Controller:
             new[LR.name] = min(new[LR.name], self._lr_cap)
         if self.apply:
             self._apply_hp(new)
-        return Decision(dict(self.hp), self.interval, observation=obs, action=action)
+        return Decision(self._hp_in_force(), self.interval, observation=obs, action=action)
 
     def _apply_hp(self, hp: dict[str, Any], force: tuple[str, ...] = ()) -> None:
         """Write ``hp`` into the run; frozen knobs are never written (only ``force``d
@@ -654,7 +663,7 @@ class Controller:
         if self.done:
             obs = self.encoder.encode(self.history)
             return Decision(
-                dict(self.hp), self.interval, observation=obs, rolled_back=True, done=True,
+                self._hp_in_force(), self.interval, observation=obs, rolled_back=True, done=True,
                 events=(msg,),
             )
         d = self._decide()
@@ -683,7 +692,7 @@ class Controller:
         self.events.append(msg)
         self.done = self.samples >= self.budget_samples
         return Decision(
-            dict(self.hp), self.interval, rolled_back=True, done=self.done, events=(msg,)
+            self._hp_in_force(), self.interval, rolled_back=True, done=self.done, events=(msg,)
         )
 
 
