@@ -42,9 +42,17 @@ RAY_PROBE_TIMEOUT_S = 10.0
 
 
 def probe_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> None:
-    """Raise ``ConnectionError`` within ``timeout_s`` if nothing listens at ``address``
-    (``HOST:PORT`` or ``ray://HOST:PORT``; ``auto`` is left to Ray, which fails fast)."""
+    """Raise ``ConnectionError`` within about ``timeout_s`` unless a Ray cluster that
+    lets this process in answers at ``address`` (``HOST:PORT``; ``ray://HOST:PORT``
+    is only checked to listen; ``auto`` is left to Ray, which fails fast).
+
+    A TCP connect first (an address that drops packets), then one request to the
+    cluster's GCS with this process's auth settings: a port that is not Ray, or a
+    token cluster joined without ``RAY_AUTH_MODE=token``, fails here in a second,
+    where ``ray.init`` would retry for minutes.
+    """
     import socket
+    import threading
 
     if address == "auto":
         return
@@ -57,6 +65,32 @@ def probe_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> N
             pass
     except OSError as e:
         raise ConnectionError(f"nothing answers at {hostport} ({e.strerror or e})") from None
+    if address.startswith("ray://"):
+        return
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    answer: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            gcs = ray._raylet.GcsClient(address=hostport)
+            gcs.internal_kv_get(b"rlhpo-probe", None, timeout=timeout_s)
+            answer.append(None)
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable
+            answer.append(e)
+
+    # A daemon thread: a GCS client stuck in Ray's own retries must not keep us waiting.
+    asker = threading.Thread(target=ask, name="rlhpo-ray-probe", daemon=True)
+    asker.start()
+    asker.join(timeout_s)
+    if not answer:
+        raise ConnectionError(f"no Ray cluster answers at {hostport} within {timeout_s:g} s")
+    if answer[0] is not None:
+        # Ray's first sentence says what is wrong (its auth errors go on for lines).
+        msg = " ".join(str(answer[0]).split()).split(". ")[0][:240]
+        raise ConnectionError(f"{hostport}: {type(answer[0]).__name__}: {msg}")
 
 
 def ray_unreachable_message(address: str | None, err: BaseException) -> str:
