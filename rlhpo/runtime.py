@@ -67,8 +67,7 @@ def probe_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> N
         raise ConnectionError(f"nothing answers at {hostport} ({e.strerror or e})") from None
     if address.startswith("ray://"):
         return
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
+    set_ray_environment()
     import ray
 
     answer: list[BaseException | None] = []
@@ -103,6 +102,13 @@ def ray_unreachable_message(address: str | None, err: BaseException) -> str:
     )
 
 
+def set_ray_environment() -> None:
+    """Ray's settings from :data:`RAY_ENV`, unless the user set them; before Ray is
+    imported, which reads some of them then."""
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def ensure_ray(num_cpus: int = 2, address: str | None = None) -> bool:
     """Start a local Ray instance (no dashboard, no network) unless one is running, or
     join the cluster at ``address`` (``ConnectionError`` within seconds if nobody
@@ -110,8 +116,7 @@ def ensure_ray(num_cpus: int = 2, address: str | None = None) -> bool:
 
     Returns True if this call started or joined it (the caller should shut it down).
     """
-    for k, v in RAY_ENV.items():
-        os.environ.setdefault(k, v)
+    set_ray_environment()
     try:
         import ray
     except ImportError as e:  # pragma: no cover - depends on the install

@@ -48,7 +48,8 @@ def _rollout(venv, steps: int, n: int):
     return np.array(obs), np.array(rews), np.array(dones), tasks
 
 
-@pytest.mark.parametrize("backend", ["batched", "auto"])
+# "auto" (actors stepping their envs one by one) starts two more actors: slow.
+@pytest.mark.parametrize("backend", ["batched", pytest.param("auto", marks=pytest.mark.slow)])
 def test_ray_vec_env_equals_the_local_sharded_env(local_ray, backend):
     # "auto" with 5 envs for 2 batchable tasks does not batch: each actor then steps
     # its envs one by one, as the local DummyVecEnv does.
@@ -149,6 +150,7 @@ def test_ppo_restarts_from_the_checkpoint_when_an_actor_dies(local_ray, tmp_path
     assert (out / "policy" / "manifest.json").is_file()
 
 
+@pytest.mark.slow  # three rounds of actor start-up
 def test_ppo_gives_up_when_actors_die_before_any_progress(local_ray, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     killed = _kill_an_actor_at(monkeypatch, 1, times=5)  # each env loses one at once

@@ -72,7 +72,9 @@ def ensure_ray(num_cpus: int = 2, address: str | None = None) -> bool:
     Returns True if this call started or joined Ray (the caller should shut it down).
     """
     from rlhpo.runtime import ensure_ray as start_or_join
+    from rlhpo.runtime import set_ray_environment
 
+    set_ray_environment()
     _import_ray()
     return start_or_join(num_cpus=num_cpus, address=address)
 
