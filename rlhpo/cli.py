@@ -433,7 +433,7 @@ def train(
             _fail(ray_unreachable_message(address, e))
     try:
         lock = RunFolderLock(make_run_folder(out), command).acquire()
-    except RunFolderError as e:
+    except (ValueError, RunFolderError) as e:
         _fail(str(e))
     try:
         if has_checkpoint(out) and not resume:
