@@ -375,6 +375,16 @@ def train(
         list[str] | None,
         typer.Option("--set", help="Override a recipe field: key=value (repeatable)."),
     ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="local (env shards in processes here) or ray (PPO: the n_procs env shards "
+            "as Ray actors; the learner stays here)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str, typer.Option(help="Ray cluster address, HOST:PORT (--executor ray).")
+    ] = "",
 ) -> None:
     """Train a tuning policy on a suite's train split; the policy lands in DIR/policy."""
     from pathlib import Path
@@ -382,6 +392,7 @@ def train(
     from rlhpo.agents import AGENTS, load_settings
     from rlhpo.agents import train as train_agent
     from rlhpo.agents.checkpoint import CHECKPOINT, CheckpointError, has_checkpoint
+    from rlhpo.ray_vec_env import ExecutorError
     from rlhpo.run_folder import RunFolderError, RunFolderLock, make_run_folder
     from rlhpo.tasks import SpecError
 
@@ -389,6 +400,16 @@ def train(
         _fail(f"--timesteps must be >= 1, got {timesteps}")
     if agent not in AGENTS:
         _fail(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
+    if executor not in ("local", "ray"):
+        _fail(f"--executor must be local or ray, got {executor!r}")
+    if address and executor != "ray":
+        _fail(
+            f"--address applies to --executor ray only, got --address {address} with --executor {executor}"
+        )
+    if executor == "ray" and agent != "ppo":
+        from rlhpo.agents import REINFORCE_LOCAL_ONLY
+
+        _fail(REINFORCE_LOCAL_ONLY.format(executor=executor) + f", got --agent {agent}")
     overrides = list(set_ or [])
     if n_envs is not None:
         if agent != "ppo":
@@ -397,8 +418,22 @@ def train(
     command = " ".join(["rlhpo", *sys.argv[1:]])
     try:
         settings = load_settings(agent, recipe, overrides)
+        if agent == "ppo" and not resume:  # a resumed run checks its own settings
+            from rlhpo.agents.ppo import check_executor
+
+            check_executor(settings, executor, address or None)
+    except (ValueError, SpecError) as e:
+        _fail(str(e))
+    if address:  # before anything is written: a wrong address costs seconds, not a run folder
+        from rlhpo.runtime import probe_ray_address, ray_unreachable_message
+
+        try:
+            probe_ray_address(address)
+        except ConnectionError as e:
+            _fail(ray_unreachable_message(address, e))
+    try:
         lock = RunFolderLock(make_run_folder(out), command).acquire()
-    except (ValueError, SpecError, RunFolderError) as e:
+    except (ValueError, RunFolderError) as e:
         _fail(str(e))
     try:
         if has_checkpoint(out) and not resume:
@@ -417,8 +452,10 @@ def train(
             use_wandb=not no_wandb,
             console=console,
             command=command,
+            executor=executor,
+            address=address or None,
         )
-    except (ValueError, SpecError, CheckpointError) as e:
+    except (ValueError, SpecError, CheckpointError, ExecutorError) as e:
         _fail(str(e))
     finally:
         lock.release()

@@ -48,6 +48,7 @@ from rlhpo.trainees.batched import (
 from rlhpo.trainees.functional import make_batched_trainee
 
 BACKENDS = ("auto", "batched", "dummy", "subproc")
+EXECUTORS = ("local", "ray")
 # Batching pays only when several runs of one task train together. Measured
 # (experiments/results/throughput_v2.md): 32 batched envs ran 4.8x one model per
 # env on the 10-task v1 split (3.2 envs per task), but 0.5x on the 24-task v2
@@ -250,6 +251,29 @@ class BatchedVecEnv(VecEnv):
         return [False for _ in self._get_indices(indices)]  # slots are bare envs
 
 
+def shard_sizes(n_envs: int, n_shards: int) -> list[int]:
+    """Slots per shard: ``n_envs`` split as evenly as possible, the first shards larger.
+    The one layout of :class:`ShardedVecEnv` and :class:`~rlhpo.ray_vec_env.RayVecEnv`, so
+    that both give slot ``i`` the same shard (and the same batch mates)."""
+    if not 1 <= n_shards <= n_envs:
+        raise ValueError(f"n_procs must be in [1, n_envs={n_envs}], got {n_shards}")
+    return [n_envs // n_shards + (i < n_envs % n_shards) for i in range(n_shards)]
+
+
+def shard_routes(
+    bounds: np.ndarray, indices: Sequence[int]
+) -> list[tuple[int, list[int], list[int]]]:
+    """(shard, positions in the answer, indices inside the shard) for the given slots;
+    ``bounds`` are the cumulative shard sizes starting at 0."""
+    routes: dict[int, tuple[list[int], list[int]]] = {}
+    for pos, i in enumerate(indices):
+        w = int(np.searchsorted(bounds, i, side="right") - 1)
+        routes.setdefault(w, ([], []))
+        routes[w][0].append(pos)
+        routes[w][1].append(int(i - bounds[w]))
+    return [(w, pos, loc) for w, (pos, loc) in routes.items()]
+
+
 def _shard_worker(remote, parent_remote, kwargs: dict[str, Any]) -> None:
     """A worker process of :class:`ShardedVecEnv`: one BatchedVecEnv, driven by pipe."""
     import traceback
@@ -302,9 +326,7 @@ class ShardedVecEnv(VecEnv):
     ):
         import multiprocessing as mp
 
-        if not 1 <= n_procs <= n_envs:
-            raise ValueError(f"n_procs must be in [1, n_envs={n_envs}], got {n_procs}")
-        sizes = [n_envs // n_procs + (i < n_envs % n_procs) for i in range(n_procs)]
+        sizes = shard_sizes(n_envs, n_procs)
         self.bounds = np.cumsum([0] + sizes)
         if start_method is None:  # as SB3: forkserver where there is one (fork + torch is unsafe)
             start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
@@ -361,18 +383,8 @@ class ShardedVecEnv(VecEnv):
             [i for p in parts for i in p[3]],
         )
 
-    def _route(self, indices: VecEnvIndices) -> list[tuple[int, list[int], list[int]]]:
-        """(worker, positions in the answer, local indices) for the given slots."""
-        routes: dict[int, tuple[list[int], list[int]]] = {}
-        for pos, i in enumerate(self._get_indices(indices)):
-            w = int(np.searchsorted(self.bounds, i, side="right") - 1)
-            routes.setdefault(w, ([], []))
-            routes[w][0].append(pos)
-            routes[w][1].append(int(i - self.bounds[w]))
-        return [(w, pos, loc) for w, (pos, loc) in routes.items()]
-
     def _call(self, cmd: str, make, indices: VecEnvIndices) -> list[Any]:
-        routes = self._route(indices)
+        routes = shard_routes(self.bounds, self._get_indices(indices))
         for w, _, loc in routes:
             self.remotes[w].send((cmd, make(loc)))
         out: list[Any] = [None] * sum(len(pos) for _, pos, _ in routes)
@@ -499,6 +511,7 @@ def make_vec_env(
     monitor: bool = True,
     exact: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
+    executor: str = "local",
     **env_kwargs: Any,
 ) -> VecEnv:
     """``n_envs`` tuning environments as an SB3 ``VecEnv``; env ``i`` is seeded
@@ -523,6 +536,13 @@ def make_vec_env(
     ``n_procs > 1`` splits the batched env over that many worker processes
     (:class:`ShardedVecEnv`): one per free core.
 
+    ``executor="ray"`` runs the ``n_procs`` shards as Ray actors instead
+    (:class:`~rlhpo.ray_vec_env.RayVecEnv`, on the Ray instance or cluster this
+    process is connected to), each a ``BatchedVecEnv`` where ``auto`` batches and
+    its envs one by one in-process where it does not; the shard layout, and so each
+    slot's episodes, are those of the local sharded env. ``backend`` must then be
+    ``auto`` or ``batched``.
+
     ``monitor`` wraps the result in SB3's ``VecMonitor`` (``info["episode"]``).
     """
     import os
@@ -538,6 +558,13 @@ def make_vec_env(
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
     if n_procs < 1:
         raise ValueError(f"n_procs must be >= 1, got {n_procs}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    if executor == "ray" and backend not in ("auto", "batched"):
+        raise ValueError(
+            f"executor 'ray' steps batched env shards in Ray actors: backend must be auto or "
+            f"batched, got {backend!r}"
+        )
     cfg = cfg.with_suite_loaded()
     yes, no = batchable_tasks(cfg.suite, cfg.split, cfg.tasks)
     if backend == "batched" and not yes:
@@ -550,7 +577,18 @@ def make_vec_env(
         else:
             backend = "subproc" if 1 < n_envs <= (os.cpu_count() or 1) else "dummy"
     venv: VecEnv
-    if backend == "batched" and n_procs > 1:
+    if executor == "ray":
+        from rlhpo.ray_vec_env import RayVecEnv
+
+        venv = RayVecEnv(
+            n_envs,
+            n_procs,
+            cfg,
+            batched=backend == "batched",
+            exact=exact,
+            chunk_elements=chunk_elements,
+        )
+    elif backend == "batched" and n_procs > 1:
         venv = ShardedVecEnv(
             n_envs, n_procs, config=cfg, exact=exact, chunk_elements=chunk_elements
         )

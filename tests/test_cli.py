@@ -56,6 +56,33 @@ CASES = {
         ["train", "--out", "{root}/t", "--timesteps", "0"],
         "--timesteps must be >= 1, got 0",
     ),
+    "train --executor bogus": (
+        ["train", "--out", "{root}/t", "--executor", "dask"],
+        "--executor must be local or ray, got 'dask'",
+    ),
+    "train --address without ray": (
+        ["train", "--out", "{root}/t", "--address", "127.0.0.1:6379"],
+        "--address applies to --executor ray only, got --address 127.0.0.1:6379 with "
+        "--executor local",
+    ),
+    "train --executor ray --agent reinforce": (
+        ["train", "--out", "{root}/t", "--executor", "ray", "--agent", "reinforce"],
+        "reinforce trains one env in this process: use --agent ppo with --executor ray, or "
+        "--executor local, got --agent reinforce",
+    ),
+    "train --executor ray vec_env=dummy": (
+        ["train", "--out", "{root}/t", "--executor", "ray", "--set", "vec_env=dummy"],
+        "--executor ray steps batched env shards in Ray actors: vec_env must be auto or "
+        "batched, got vec_env='dummy' (set --set vec_env=auto, or use --executor local)",
+    ),
+    "train --executor ray unreachable --address": (
+        ["train", "--out", "{root}/t", "--executor", "ray", "--address", "127.0.0.1:1"],
+        "--address 127.0.0.1:1: cannot connect to the Ray cluster (nothing answers at 127.0.0.1:1",
+    ),
+    "train --executor ray --address not-an-address": (
+        ["train", "--out", "{root}/t", "--executor", "ray", "--address", "head"],
+        "not HOST:PORT, ray://HOST:PORT or auto: 'head'",
+    ),
     "episode --start bogus": (
         ["episode", "--suite", TINY, "--start", "bogus"],
         "--start must be default or random, got 'bogus'",
@@ -110,3 +137,17 @@ def test_train_says_when_it_rounds_timesteps_up(tmp_path):
     assert r.exit_code == 0, r.output
     assert "for --timesteps 3: reinforce trains in whole episodes" in r.output
     assert Path(out / "policy" / "manifest.json").is_file()
+
+
+def test_an_address_without_a_ray_cluster_is_refused_by_the_probe():
+    """ray.init retries an address for minutes; the probe (a TCP connect, then one GCS
+    request, each bounded by RAY_PROBE_TIMEOUT_S) refuses it first. 10.255.255.1 is
+    private and unrouted: depending on the network the connect times out, is refused,
+    or something that is not Ray answers; each is a ConnectionError naming it."""
+    from rlhpo.runtime import RAY_PROBE_TIMEOUT_S, probe_ray_address
+
+    assert 2 * RAY_PROBE_TIMEOUT_S <= 30
+    with pytest.raises(ConnectionError, match="10.255.255.1:6379"):
+        probe_ray_address("10.255.255.1:6379", timeout_s=0.5)
+    with pytest.raises(ConnectionError, match="nothing answers at 127.0.0.1:1"):
+        probe_ray_address("ray://127.0.0.1:1")

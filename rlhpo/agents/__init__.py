@@ -31,7 +31,8 @@ def load_settings(agent: str, recipe: str | None = None, overrides: list[str] = 
 
 
 def train(agent: str, settings: Any, out: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Train ``agent``; ``kwargs`` as :func:`rlhpo.agents.ppo.train_ppo`."""
+    """Train ``agent``; ``kwargs`` as :func:`rlhpo.agents.ppo.train_ppo` (REINFORCE:
+    ``executor="local"`` only)."""
     if agent == "ppo":
         from rlhpo.agents.ppo import train_ppo
 
@@ -39,8 +40,18 @@ def train(agent: str, settings: Any, out: str | Path, **kwargs: Any) -> dict[str
     if agent == "reinforce":
         from rlhpo.agents.reinforce import train_reinforce
 
+        executor = kwargs.pop("executor", "local")
+        kwargs.pop("address", None)
+        if executor != "local":
+            raise ValueError(REINFORCE_LOCAL_ONLY.format(executor=executor))
         return train_reinforce(settings, out, **kwargs)
     raise ValueError(f"agent must be one of {AGENTS}, got {agent!r}")
 
+
+# REINFORCE steps one env in this process: there are no env shards to put in actors.
+REINFORCE_LOCAL_ONLY = (
+    "--executor {executor} runs PPO's env shards as Ray actors; reinforce trains one env in "
+    "this process: use --agent ppo with --executor {executor}, or --executor local"
+)
 
 __all__ = ["AGENTS", "load_settings", "settings_class", "train"]

@@ -13,7 +13,9 @@ a fresh episode (reseeded from the seed and the resumed timestep).
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from torch import nn
 
 from rlhpo.agents.checkpoint import (
     flatten_optimizer_state,
+    has_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -325,11 +328,16 @@ def train_ppo(
     show_progress: bool = True,
     console=None,
     command: str | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Train PPO for ``timesteps`` env steps in all (counting any resumed ones) and save
-    the policy to ``out/policy``. Returns the manifest fields written."""
-    from rlhpo.tracking import Tracker
+    the policy to ``out/policy``. Returns the manifest fields written.
 
+    ``executor="ray"`` steps the env shards (``n_procs`` of them) in Ray actors on the
+    cluster at ``address`` (default: a local Ray instance); the learner stays here. If
+    an actor is lost, training goes on from the last checkpoint with fresh actors
+    (from the start if none was written yet), and the log says so."""
     out = Path(out)
     ckpt = None
     if resume:
@@ -342,42 +350,149 @@ def train_ppo(
         settings = build_settings(PPOSettings, ckpt[1]["settings"])
         seed, suite = int(ckpt[1]["seed"]), str(ckpt[1]["suite"])
     _check(settings, timesteps)
+    check_executor(settings, executor, address)
+    if executor == "ray":
+        from rlhpo.ray_vec_env import ray_session
+
+        session: Any = ray_session(address, num_cpus=settings.n_procs)
+    else:
+        session = contextlib.nullcontext()
+    with session:
+        return _train(
+            settings,
+            out,
+            ckpt,
+            timesteps=timesteps,
+            seed=seed,
+            suite=suite,
+            use_wandb=use_wandb,
+            show_progress=show_progress,
+            console=console,
+            command=command,
+            executor=executor,
+        )
+
+
+def _open_envs(settings: PPOSettings, suite: str, seed: int, executor: str):
+    """The training vector env (normalised if the recipe says so) and its VecNormalize."""
     venv = make_vec_env(
         settings.env_config(suite),
         n_envs=settings.n_envs,
         seed=seed,
         backend=settings.vec_env,
         n_procs=settings.n_procs,
+        executor=executor,
     )
     vn = None
     if settings.norm_obs or settings.norm_reward:
         vn = venv = normalize(venv, settings)
+    return venv, vn
+
+
+def _log_actors(tracker, venv, console) -> None:
+    """Where the env actors run (Ray executor): one log record, one console line."""
+    inner = venv.unwrapped
+    nodes = getattr(inner, "nodes", None)
+    if nodes is None:
+        return
+    tracker.log({"event": "ray_actors", "nodes": list(nodes), "hosts": list(inner.hosts)})
+    if console is not None:
+        console.print(f"ray: {len(nodes)} env actors on {len(set(nodes))} node(s)", highlight=False)
+
+
+# Actors lost this many times in a row without the run getting past the checkpoint
+# it restarted from: the cluster cannot hold them, so stop instead of looping.
+MAX_RESTARTS_WITHOUT_PROGRESS = 3
+
+
+def _train(
+    settings: PPOSettings,
+    out: Path,
+    ckpt,
+    *,
+    timesteps: int,
+    seed: int,
+    suite: str,
+    use_wandb: bool,
+    show_progress: bool,
+    console,
+    command: str | None,
+    executor: str,
+) -> dict[str, Any]:
+    from rlhpo.tracking import Tracker
+
+    lost: tuple[type[BaseException], ...] = ()
+    if executor == "ray":
+        from rlhpo.ray_vec_env import ExecutorError, actor_lost_errors
+
+        lost = actor_lost_errors()
+    venv, vn = _open_envs(settings, suite, seed, executor)
     config = {
         "agent": "ppo",
         "suite": suite,
         "seed": seed,
         "timesteps": timesteps,
+        "executor": executor,
         **settings_dict(settings),
     }
     tracker = Tracker(
         out, config=config, use_wandb=use_wandb, group="train-ppo", name=out.name, job_type="train"
     )
+    restarts: list[int] = []  # the timesteps each restart went back to
     try:
-        model = _build_model(settings, venv, seed)
         with TrainingProgress(timesteps, console=console, enabled=show_progress) as progress:
-            run = _PPORun(settings, out, seed, suite, timesteps, tracker, progress, model, vn)
-            if ckpt is not None:
-                run.restore(*ckpt)
-                tracker.log({"event": "resume", "timesteps": model.num_timesteps})
-                progress.update(model.num_timesteps, run.tracer.episodes, run.tracer.mean_return)
-            remaining = timesteps - model.num_timesteps
-            if remaining > 0:
-                model.learn(
-                    total_timesteps=remaining,
-                    callback=_make_callback(run),
-                    reset_num_timesteps=ckpt is None,
-                    log_interval=1,
-                )
+            while True:
+                _log_actors(tracker, venv, console)
+                model = _build_model(settings, venv, seed)
+                run = _PPORun(settings, out, seed, suite, timesteps, tracker, progress, model, vn)
+                if ckpt is not None:
+                    run.restore(*ckpt)
+                    tracker.log({"event": "resume", "timesteps": model.num_timesteps})
+                    progress.update(
+                        model.num_timesteps, run.tracer.episodes, run.tracer.mean_return
+                    )
+                remaining = timesteps - model.num_timesteps
+                try:
+                    if remaining > 0:
+                        model.learn(
+                            total_timesteps=remaining,
+                            callback=_make_callback(run),
+                            reset_num_timesteps=ckpt is None,
+                            log_interval=1,
+                        )
+                    break
+                except lost as e:
+                    venv.close()
+                    ckpt = load_checkpoint(out) if has_checkpoint(out) else None
+                    back_to = int(ckpt[1]["timesteps"]) if ckpt is not None else 0
+                    restarts.append(back_to)
+                    reason = str(e).strip().splitlines()[0]
+                    if (
+                        restarts[-MAX_RESTARTS_WITHOUT_PROGRESS:]
+                        == [back_to] * MAX_RESTARTS_WITHOUT_PROGRESS
+                    ):
+                        raise ExecutorError(
+                            f"env actors were lost {MAX_RESTARTS_WITHOUT_PROGRESS} times without "
+                            f"the run getting past timestep {back_to}; last: {reason}"
+                        ) from e
+                    where = f"the checkpoint at {back_to} timesteps" if ckpt else "the start"
+                    line = (
+                        f"a Ray env actor was lost at {model.num_timesteps} timesteps "
+                        f"({reason}); restarting from {where} with fresh actors"
+                    )
+                    tracker.log(
+                        {
+                            "event": "actor_lost",
+                            "timesteps": int(model.num_timesteps),
+                            "restart_from": back_to,
+                            "reason": reason,
+                        }
+                    )
+                    if console is not None:
+                        console.print(f"warning: {line}", highlight=False, soft_wrap=True)
+                    else:
+                        warnings.warn(line, RuntimeWarning, stacklevel=2)
+                    venv, vn = _open_envs(settings, suite, seed, executor)
             run.checkpoint()
         net = export_policy(model, vn)
         info = {
@@ -416,6 +531,24 @@ def train_ppo(
     finally:
         tracker.finish()
         venv.close()
+
+
+def check_executor(s: PPOSettings, executor: str, address: str | None) -> None:
+    """What ``executor`` (and ``address``) can run: a ``ValueError`` saying what to change."""
+    from rlhpo.vec_env import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if address and executor != "ray":
+        raise ValueError(
+            f"--address applies to --executor ray only, got --address {address} with "
+            f"--executor {executor}"
+        )
+    if executor == "ray" and s.vec_env not in ("auto", "batched"):
+        raise ValueError(
+            "--executor ray steps batched env shards in Ray actors: vec_env must be auto or "
+            f"batched, got vec_env={s.vec_env!r} (set --set vec_env=auto, or use --executor local)"
+        )
 
 
 def _check(s: PPOSettings, timesteps: int) -> None:

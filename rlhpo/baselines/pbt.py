@@ -32,17 +32,6 @@ import numpy as np
 from rlhpo.baselines.optuna_study import trial_seed
 from rlhpo.tasks.spec import TaskSpec
 
-# Ray must not phone home (no network here) nor write loggers we do not read.
-_RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_MAX_PENDING_TRIALS_PG": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "OMP_NUM_THREADS": "1",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
-
 
 @dataclass
 class MemberRecord:
@@ -78,25 +67,16 @@ def _import_ray():
 
 
 def ensure_ray(num_cpus: int = 2, address: str | None = None) -> bool:
-    """Start a local Ray instance (no dashboard, no network) unless one is running.
+    """:func:`rlhpo.runtime.ensure_ray`, with Ray Tune's install hint if it is missing.
 
-    Returns True if this call started it (the caller should shut it down).
+    Returns True if this call started or joined Ray (the caller should shut it down).
     """
-    for k, v in _RAY_ENV.items():
-        os.environ.setdefault(k, v)
-    ray, _ = _import_ray()
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    return True
+    from rlhpo.runtime import ensure_ray as start_or_join
+    from rlhpo.runtime import set_ray_environment
+
+    set_ray_environment()
+    _import_ray()
+    return start_or_join(num_cpus=num_cpus, address=address)
 
 
 def n_intervals(spec: TaskSpec) -> int:

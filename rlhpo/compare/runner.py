@@ -299,21 +299,17 @@ class _Ray:
 
     def __init__(self, workers: int, address: str | None) -> None:
         from rlhpo.baselines.pbt import ensure_ray
+        from rlhpo.runtime import RAY_WORKER_ENV, ray_unreachable_message
 
         try:
             self.started = ensure_ray(num_cpus=workers, address=address)
         except ConnectionError as e:
-            raise CompareError(
-                f"--address {address}: cannot connect to the Ray cluster ({e}); a cluster "
-                "started with `ray start --head` uses token auth (Ray 2.60): set "
-                "RAY_AUTH_MODE=token in this shell (the token is read from ~/.ray/auth_token "
-                "or RAY_AUTH_TOKEN)"
-            ) from None
+            raise CompareError(ray_unreachable_message(address, e)) from None
         import ray
 
         self.ray = ray
         self.remote = ray.remote(num_cpus=1, max_retries=0)(execute_cell).options(
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
+            runtime_env={"env_vars": dict(RAY_WORKER_ENV)}
         )
         self.refs: dict[Any, Cell] = {}
 
