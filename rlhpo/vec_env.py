@@ -560,10 +560,10 @@ def make_vec_env(
         raise ValueError(f"n_procs must be >= 1, got {n_procs}")
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
-    if executor == "ray" and backend not in ("auto", "batched"):
+    if executor == "ray" and backend == "subproc":
         raise ValueError(
-            f"executor 'ray' steps batched env shards in Ray actors: backend must be auto or "
-            f"batched, got {backend!r}"
+            "executor 'ray' steps env shards in Ray actors: backend must be auto, batched or "
+            f"dummy, got {backend!r}"
         )
     cfg = cfg.with_suite_loaded()
     yes, no = batchable_tasks(cfg.suite, cfg.split, cfg.tasks)
@@ -571,8 +571,14 @@ def make_vec_env(
         raise ValueError(
             f"backend 'batched' needs a batchable task (see supports_batching); got {no}"
         )
+    if backend == "batched" and cfg.collapse_k is not None:
+        raise ValueError(
+            "backend 'batched' cannot run the collapse guard (its runs take no snapshots): "
+            f"got collapse_k={cfg.collapse_k:g}; use backend dummy or subproc, or collapse_k=None"
+        )
     if backend == "auto":
-        if yes and n_envs >= MIN_RUNS_PER_TASK * len(yes):
+        # The collapse guard needs snapshots, which batched runs cannot take.
+        if yes and n_envs >= MIN_RUNS_PER_TASK * len(yes) and cfg.collapse_k is None:
             backend = "batched"
         else:
             backend = "subproc" if 1 < n_envs <= (os.cpu_count() or 1) else "dummy"

@@ -70,10 +70,16 @@ CASES = {
         "reinforce trains one env in this process: use --agent ppo with --executor ray, or "
         "--executor local, got --agent reinforce",
     ),
-    "train --executor ray vec_env=dummy": (
-        ["train", "--out", "{root}/t", "--executor", "ray", "--set", "vec_env=dummy"],
-        "--executor ray steps batched env shards in Ray actors: vec_env must be auto or "
-        "batched, got vec_env='dummy' (set --set vec_env=auto, or use --executor local)",
+    "train --executor ray vec_env=subproc": (
+        ["train", "--out", "{root}/t", "--executor", "ray", "--set", "vec_env=subproc"],
+        "--executor ray steps env shards in Ray actors (each in its actor's process): "
+        "vec_env must be auto, batched or dummy, got vec_env='subproc' (set --set "
+        "vec_env=dummy, or use --executor local)",
+    ),
+    "train vec_env=batched with the guard": (
+        ["train", "--out", "{root}/t", "--set", "vec_env=batched"],
+        "the collapse guard restores snapshots, which batched runs cannot take: got "
+        "vec_env='batched' with collapse_k=3 (set --set vec_env=dummy, or --set collapse_k=0)",
     ),
     "train --executor ray unreachable --address": (
         ["train", "--out", "{root}/t", "--executor", "ray", "--address", "127.0.0.1:1"],

@@ -82,8 +82,8 @@ def test_ray_vec_env_equals_the_local_sharded_env(local_ray, backend):
 def test_ray_vec_env_bad_settings_are_named(local_ray):
     with pytest.raises(ValueError, match="executor must be one of local, ray; got 'dask'"):
         make_vec_env(n_envs=2, executor="dask", **KW)
-    with pytest.raises(ValueError, match="backend must be auto or batched, got 'dummy'"):
-        make_vec_env(n_envs=2, backend="dummy", executor="ray", **KW)
+    with pytest.raises(ValueError, match="backend must be auto, batched or dummy, got 'subproc'"):
+        make_vec_env(n_envs=2, backend="subproc", executor="ray", **KW)
     with pytest.raises(ValueError, match=r"n_procs must be in \[1, n_envs=2\], got 3"):
         make_vec_env(n_envs=2, n_procs=3, executor="ray", **KW)
     # the local instance has 2 CPUs and every actor holds one

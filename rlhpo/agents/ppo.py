@@ -544,10 +544,17 @@ def check_executor(s: PPOSettings, executor: str, address: str | None) -> None:
             f"--address applies to --executor ray only, got --address {address} with "
             f"--executor {executor}"
         )
-    if executor == "ray" and s.vec_env not in ("auto", "batched"):
+    if executor == "ray" and s.vec_env == "subproc":
         raise ValueError(
-            "--executor ray steps batched env shards in Ray actors: vec_env must be auto or "
-            f"batched, got vec_env={s.vec_env!r} (set --set vec_env=auto, or use --executor local)"
+            "--executor ray steps env shards in Ray actors (each in its actor's process): "
+            f"vec_env must be auto, batched or dummy, got vec_env={s.vec_env!r} "
+            "(set --set vec_env=dummy, or use --executor local)"
+        )
+    if s.vec_env == "batched" and s.collapse_k > 0:
+        raise ValueError(
+            "the collapse guard restores snapshots, which batched runs cannot take: got "
+            f"vec_env='batched' with collapse_k={s.collapse_k:g} (set --set vec_env=dummy, or "
+            "--set collapse_k=0)"
         )
 
 
