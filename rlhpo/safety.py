@@ -119,6 +119,10 @@ class CollapseRule:
         """Why the last score counts as a collapse, or None."""
         if len(scores) < 2:
             return None
+        if not (n_val and n_classes >= 2) and len(scores) < 5:
+            # No verdict while the noise is unknown: without the validation size it
+            # comes from the spread of past changes, which needs two of them.
+            return None
         best, cur = max(scores), scores[-1]
         noise = score_noise(scores, n_val, n_classes)
         if best - cur > self.k * noise:

@@ -117,6 +117,8 @@ def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
         "freeze": [],
         "lr_scale": [1.0, 1.0],
         "obs_version": 1,
+        "collapse_k": None,
+        "base_schedule": None,
     }
     assert m["train_wall_time_s"] > 0 and np.isfinite(m["mean_return"])
     assert m["recipe"]["n_steps"] == 20 and "compute is charged" in m["compute_charge"]

@@ -229,6 +229,10 @@ class RLHPOCallback(TrainerCallback):
         self._accum = GradientAccumulation(micro)
         self.samples, self._losses, self._seen_in_epoch = 0, [], 0
         self.decisions = []
+        kwargs = dict(self.controller_kwargs)
+        eval_set = getattr(getattr(self, "_trainer", None), "eval_dataset", None)
+        if "n_val" not in kwargs and hasattr(eval_set, "__len__"):
+            kwargs["n_val"] = len(eval_set)  # scales the collapse guard's noise
         self.controller = Controller(
             self.policy,
             optimizer=optimizer,
@@ -239,7 +243,7 @@ class RLHPOCallback(TrainerCallback):
             n_classes=n_classes or 0,
             batch_size=start,
             set_batch_size=self._accum.request,
-            **self.controller_kwargs,
+            **kwargs,
         )
         self._set_steps(args, self._accum.ready())
         self._training = True
