@@ -9,7 +9,7 @@ from torch import nn
 from rlhpo.actions import ActionCodec
 from rlhpo.env import HPOEnv
 from rlhpo.knobs import KNOBS, REGISTRY, KnobError, LiveRun, SearchSpace
-from rlhpo.observation import ObservationEncoder
+from rlhpo.observation import ObservationEncoder, encoder_class
 from rlhpo.policy import PolicyNet, load_policy, save_policy
 from tests.conftest import BASE_TASK
 
@@ -167,5 +167,6 @@ def test_policies_with_the_required_knobs_keep_their_shapes():
     assert len(dirs) >= 10
     for path in dirs:
         pol = load_policy(path)
-        assert pol.knobs == KNOBS and pol.net.obs_dim == 16
-        assert np.asarray(pol.act(np.zeros(16, np.float32))).shape == (3,)
+        size = encoder_class(pol.obs_version).SIZE  # 16 (v1) or 21 (v2)
+        assert pol.knobs == KNOBS and pol.net.obs_dim == size
+        assert np.asarray(pol.act(np.zeros(size, np.float32))).shape == (3,)
