@@ -48,7 +48,7 @@ from rlhpo.observation import (
     normalised_score,
 )
 from rlhpo.policy import Policy, load_policy
-from rlhpo.safety import EXPLODE_FACTOR, CollapseRule, DivergenceRule
+from rlhpo.safety import COLLAPSE_K, EXPLODE_FACTOR, CollapseRule, DivergenceRule
 
 log = logging.getLogger("rlhpo.controller")
 
@@ -243,8 +243,10 @@ class Controller:
         explode_factor: a training or validation loss above this x the reference
             loss (the first evaluation's loss) counts as divergence, as in the env.
         lr_backoff: the learning rate is multiplied by this after a rollback.
-        collapse: the do-no-harm guard (on by default): ``True`` for the default
-            :class:`~rlhpo.safety.CollapseRule`, a rule (its ``k``), or ``False``.
+        collapse: the do-no-harm guard: ``True`` for the default
+            :class:`~rlhpo.safety.CollapseRule` (``k`` as the policy was trained with),
+            a rule, or ``False``. Default (None): as the policy file says (its
+            ``guard``; on for files that do not say).
             When the validation score falls well below its best (in units of its
             noise), the best state is restored and the lr capped; logged as an event.
         n_val: validation samples behind ``val_score`` (scales the collapse
@@ -281,7 +283,7 @@ class Controller:
         rollback: bool = True,
         explode_factor: float = EXPLODE_FACTOR,
         lr_backoff: float = 0.25,
-        collapse: bool | CollapseRule = True,
+        collapse: bool | CollapseRule | None = None,
         n_val: int | None = None,
         obs_version: int | None = None,
         optimizer_kind: str | None = None,
@@ -304,8 +306,10 @@ class Controller:
                 f"metric 'accuracy' needs n_classes >= 2 (to normalise the score), got {n_classes!r}"
             )
         self.guard = DivergenceRule(explode_factor)
+        if collapse is None:
+            collapse = policy.guard
         if collapse is True:
-            collapse = CollapseRule()
+            collapse = CollapseRule(policy.collapse_k or COLLAPSE_K)
         self.collapse: CollapseRule | None = collapse or None
         self.n_val = n_val
         if batch_size is None and loader is not None:

@@ -129,6 +129,12 @@ class Policy:
         return None if raw is None else BaseSchedule.from_json(raw)
 
     @property
+    def guard(self) -> bool:
+        """Whether the do-no-harm guard runs with this policy by default (the manifest's
+        ``guard``; policy files that do not say get it)."""
+        return bool(self.manifest.get("guard", True))
+
+    @property
     def collapse_k(self) -> float | None:
         """The collapse guard's ``k`` the policy was trained with (None: trained without)."""
         k = (self.manifest.get("env") or {}).get("collapse_k")
@@ -379,6 +385,8 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
             BaseSchedule.from_json(env["base_schedule"])
         except BaseScheduleError as e:
             raise PolicyFileError(f"{where}: env.{e}") from None
+    if not isinstance(m.get("guard", True), bool):
+        raise PolicyFileError(f"{where}: guard must be true or false, got {_short(m.get('guard'))}")
     k = env.get("collapse_k")
     if k is not None and not (isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e6):
         raise PolicyFileError(f"{where}: env.collapse_k must be a number > 0 or null, got {_short(k)}")

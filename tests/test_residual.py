@@ -114,3 +114,27 @@ def test_a_malformed_base_schedule_in_a_policy_file_is_refused(tmp_path):
     save_policy(tmp_path / "p", net, obs_version=2, env={"base_schedule": {"peaks": {"adam": 50.0}}})
     with pytest.raises(PolicyFileError, match=r"env\.base_schedule peak for 'adam'"):
         load_policy(tmp_path / "p")
+
+
+def test_the_policy_file_says_whether_the_guard_runs(tmp_path):
+    import torch
+
+    from rlhpo.compare.methods import parse_method
+    from rlhpo.controller import Controller
+    from rlhpo.observation import encoder_class
+    from rlhpo.policy import PolicyNet, save_policy
+
+    net = PolicyNet(obs_dim=encoder_class(1).SIZE)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kw = dict(optimizer=opt, model=model, budget_samples=100, n_classes=2, batch_size=64)
+    save_policy(tmp_path / "off", net, guard=False, env={"collapse_k": 5.0})
+    save_policy(tmp_path / "plain", net, env={"collapse_k": 5.0})
+    assert Controller(load_policy(tmp_path / "off"), **kw).collapse is None
+    assert Controller(load_policy(tmp_path / "plain"), **kw).collapse.k == 5.0
+    assert Controller(load_policy(tmp_path / "off"), collapse=True, **kw).collapse.k == 5.0
+    assert parse_method(f"policy:{tmp_path / 'off'}").guard is None  # the file decides
+    assert parse_method(f"policy:{tmp_path / 'off'}?guard=on").guard is True
+    save_policy(tmp_path / "bad", net, guard="yes")
+    with pytest.raises(PolicyFileError, match="guard must be true or false, got 'yes'"):
+        load_policy(tmp_path / "bad")

@@ -30,12 +30,13 @@ def _policy(path: str):
 class PolicyMethod(Method):
     """``policy:DIR`` or ``policy:NAME`` (a shipped policy, e.g. ``policy:default``);
     ``?freeze=batch_size,dropout`` keeps those knobs at their start values;
-    ``?guard=off`` runs without the do-no-harm guard (on by default, with the ``k``
-    the policy was trained with, else :data:`rlhpo.safety.COLLAPSE_K`)."""
+    ``?guard=on|off`` runs with or without the do-no-harm guard (default: as the
+    policy file says, on for files that do not say; ``k`` as the policy was trained
+    with, else :data:`rlhpo.safety.COLLAPSE_K`)."""
 
     policy_dir: str | None = None
     freeze: tuple[str, ...] = ()
-    guard: bool = True
+    guard: bool | None = None
 
     kind: ClassVar[str] = "policy"
     syntax: ClassVar[str] = "policy:DIR|NAME[?freeze=KNOB,...][&guard=off]"
@@ -57,15 +58,16 @@ class PolicyMethod(Method):
                 check_knob(k)
             except KnobError as e:
                 raise text.error(f"freeze: {e}") from None
-        guard_text = text.params.get("guard", "on")
-        if guard_text not in ("on", "off"):
+        guard_text = text.params.get("guard")
+        if guard_text not in (None, "on", "off"):
             raise text.error(f"guard must be on or off, got {guard_text!r}")
         label = text.name or "policy:" + (Path(text.arg).name or text.arg)
         if freeze and not text.name:
             label += "-freeze-" + "+".join(freeze)
         if guard_text == "off" and not text.name:
             label += "-noguard"
-        return cls(text.raw, label, policy_dir=text.arg, freeze=freeze, guard=guard_text == "on")
+        guard = None if guard_text is None else guard_text == "on"
+        return cls(text.raw, label, policy_dir=text.arg, freeze=freeze, guard=guard)
 
     def resolve(self, suite_name: str, specs: list[TaskSpec]) -> PolicyMethod:
         from rlhpo.policy import PolicyFileError, load_policy
@@ -106,7 +108,8 @@ class PolicyMethod(Method):
         freeze = tuple(sorted(set(self.freeze) | set(policy.freeze)))
         from rlhpo.safety import COLLAPSE_K
 
-        k = (policy.collapse_k or COLLAPSE_K) if self.guard else None
+        guard = policy.guard if self.guard is None else self.guard
+        k = (policy.collapse_k or COLLAPSE_K) if guard else None
         env = HPOEnv(
             suite,
             split="train",
@@ -145,7 +148,7 @@ class PolicyMethod(Method):
             intervals=info["interval"],
             trace=trace,
         )
-        return CellRun(out, detail={"guard": self.guard, "collapses": collapses})
+        return CellRun(out, detail={"guard": guard, "collapses": collapses})
 
 
 def _env_row(info: dict[str, Any], t0: float) -> dict[str, Any]:
