@@ -125,6 +125,11 @@ class CollapseRule:
             return None
         best, cur = max(scores), scores[-1]
         noise = score_noise(scores, n_val, n_classes)
+        if best < self.k * noise:
+            # Nothing learned beyond noise yet (the score is 0 at chance): nothing to
+            # protect. Without this a wobble near chance before a phase transition
+            # (parity tasks) restored and capped a run that was about to learn.
+            return None
         if best - cur > self.k * noise:
             return (
                 f"validation score {cur:.4g} fell {best - cur:.4g} below its best {best:.4g} "

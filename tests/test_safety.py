@@ -199,3 +199,16 @@ def test_env_collapse_guard_is_off_by_default_and_restores_the_best_state(write_
     assert info["hp"]["lr"] <= env._lr_cap + 1e-12
     with pytest.raises(ValueError, match="collapse k must be a finite number > 0, got -1"):
         HPOEnv(path, collapse_k=-1.0, **kw)
+
+
+def test_collapse_needs_something_learned_to_protect():
+    """A wobble near chance is not a collapse (a parity run before its phase
+    transition: best 0.07, then -0.13, with noise ~0.05); a fall from a learned
+    score is."""
+    from rlhpo.safety import CollapseRule
+
+    rule = CollapseRule()
+    near_chance = [0.0, -0.05, -0.02, -0.01, 0.07, 0.07, -0.01, -0.13]
+    assert rule.check(near_chance, n_val=600, n_classes=2) is None
+    learned = [0.0, 0.5, 0.8, 0.9, 0.92, 0.91, 0.3]
+    assert "fell" in rule.check(learned, n_val=600, n_classes=2)
