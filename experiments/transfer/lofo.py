@@ -247,13 +247,27 @@ def report(root: Path, variants: list[dict], out_md: Path) -> None:
         lines.append(f"- **{v['name']}**: {v['change']} ({how})")
     ok = {k: s for k, s in summary.items() if s["complete"]}
     if ok:
-        (name, guard), best = max(ok.items(), key=lambda kv: kv[1]["mean"])
+        top = max(s["mean"] for s in ok.values())
+        trained = {v["name"]: "policy" not in v for v in variants}
+        tied = {k: s for k, s in ok.items() if s["mean"] >= top - 0.005}
+        # The rule: best mean; within 0.005, fewer harmed tasks, then no training. Not in
+        # the rule (added when it was needed): then the guard on, the documented default.
+        (name, guard), best = min(
+            tied.items(), key=lambda kv: (kv[1]["harm"], trained[kv[0][0]], not kv[0][1])
+        )
+        tied_txt = ", ".join(
+            f"{n} guard {'on' if g else 'off'} ({s['mean']:.3f}, harm {s['harm']})"
+            for (n, g), s in sorted(tied.items())
+        )
         lines += [
             "",
             "## Selection (the rule in `lofo_variants.toml`)",
             "",
-            f"Highest mean validation score: **{name}**, guard **{'on' if guard else 'off'}** "
-            f"({best['mean']:.3f}; harm on {best['harm']} task(s)).",
+            f"Best mean validation score {top:.3f}. Tied (within 0.005): {tied_txt}.",
+            f"Pick: **{name}**, guard **{'on' if guard else 'off'}** ({best['mean']:.3f}; harm "
+            f"on {best['harm']} task(s)): among tied rows the fewest harmed tasks, then one "
+            "without training, then (not written in the rule, needed here because guard "
+            "on and off tied) the guard on, the documented default.",
         ]
     out_md.write_text("\n".join(lines) + "\n")
     print(f"wrote {out_md}")

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "policies" / "v5-prior"
     knobs = KNOBS
+    torch.manual_seed(0)  # the hidden layers are never used (zero action weights); fixed bytes
     net = PolicyNet(obs_dim=encoder_class(2).size_for(knobs), nvec=nvec_of(knobs))
     with torch.no_grad():
         net.action_net.weight.zero_()
@@ -54,6 +55,7 @@ def main() -> int:
             "base_schedule": base.to_json(),
             "freeze": ["batch_size", "dropout"],
         },
+        guard=True,
         command="python experiments/transfer/make_prior.py",
     )
     print(f"wrote {out}: {base.describe()}")
