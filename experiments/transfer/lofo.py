@@ -14,6 +14,8 @@ once on every train task with the same seeds and starts.
     python experiments/transfer/lofo.py --jobs 2              # train + evaluate what is missing
     python experiments/transfer/lofo.py --variants residual   # only some variants
     python experiments/transfer/lofo.py --report              # rewrite lofo.md only
+    python experiments/transfer/lofo.py --report --root experiments/transfer/lofo
+        # the same table from the committed results.csv files and fold policies
 
 Everything is resumable: a finished fold is skipped, an interrupted training resumes
 from its checkpoint, an interrupted comparison from its results. The selection rule
