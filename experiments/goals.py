@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(policy lower bound {pol[1]:.3f}, static upper bound {st[2]:.3f})"
         )
     lines += ["", "## No harm (default start): median >= static median - 0.01", ""]
-    lines += ["| task | policy median | static median | difference | met |", "|---|---|---|---|---|"]
+    lines += [
+        "| task | policy median | static median | difference | met |",
+        "|---|---|---|---|---|",
+    ]
     harmed = 0
     for t in tasks:
         p, s = scores(a.policy, "default", t), scores("static", "default", t)
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         mp, ms = statistics.median(p), statistics.median(s)
         ok = mp >= ms - 0.01
         harmed += not ok
-        lines.append(f"| {t} | {mp:.3f} | {ms:.3f} | {mp - ms:+.3f} | {'yes' if ok else '**no**'} |")
+        lines.append(
+            f"| {t} | {mp:.3f} | {ms:.3f} | {mp - ms:+.3f} | {'yes' if ok else '**no**'} |"
+        )
     lines += ["", f"Tasks harmed: **{harmed}** of {len(tasks)}.", ""]
     lines += ["## Bad start (lr 1e-5): share of the static(1e-5) -> Optuna gap closed", ""]
     lines += [
@@ -112,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     missed = 0
     for t in tasks:
-        s, p, o = (scores("static", "low-lr", t), scores(a.policy, "low-lr", t), scores(a.optuna, None, t))
+        s, p, o = (
+            scores("static", "low-lr", t),
+            scores(a.policy, "low-lr", t),
+            scores(a.optuna, None, t),
+        )
         if not (s and p and o):
             continue
         ms, mp, mo = statistics.median(s), statistics.median(p), statistics.median(o)
@@ -123,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             frac = (mp - ms) / gap
             ok, share = frac >= 0.9, f"{frac:.0%}"
         missed += not ok
-        lines.append(f"| {t} | {ms:.3f} | {mp:.3f} | {mo:.3f} | {share} | {'yes' if ok else '**no**'} |")
+        lines.append(
+            f"| {t} | {ms:.3f} | {mp:.3f} | {mo:.3f} | {share} | {'yes' if ok else '**no**'} |"
+        )
     lines += ["", f"Tasks below 90%: **{missed}** of {len(tasks)}.", ""]
     lines += ["## Cost (medians over tasks x seeds, relative to static default)", ""]
     for start in ("default", "low-lr"):

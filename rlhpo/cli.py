@@ -360,7 +360,12 @@ def train(
     suite: Annotated[
         str, typer.Option(help="Suite name (default, tiny) or path to a TOML file.")
     ] = "default",
-    timesteps: Annotated[int, typer.Option(help="Env steps in all (one per interval: 10-50 per episode on the default suite).")] = 51200,
+    timesteps: Annotated[
+        int,
+        typer.Option(
+            help="Env steps in all (one per interval: 10-50 per episode on the default suite)."
+        ),
+    ] = 51200,
     seed: Annotated[int, typer.Option(help="Seed of the agent and the envs.")] = 0,
     n_envs: Annotated[
         int | None, typer.Option(help="Parallel envs (PPO; default from the recipe).")

@@ -25,9 +25,8 @@ learning rate at half the one that produced it.
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -593,7 +592,9 @@ class Controller:
             level = float(self.space.clip(LR.name, hp[LR.name]))
             nxt = self.interval_samples or self._last_interval or max(self.budget_samples // 20, 1)
             lr = self.base.lr(level, self.samples, nxt, self.budget_samples)
-            written = self.space.write(self._live, {**hp, LR.name: lr}, skip=skip) if self.apply else {}
+            written = (
+                self.space.write(self._live, {**hp, LR.name: lr}, skip=skip) if self.apply else {}
+            )
             self.hp = {k: written.get(k, hp[k]) for k in self.knobs}
             self.hp[LR.name] = level
             self.lr_in_force = float(written.get(LR.name, lr))
@@ -667,7 +668,11 @@ class Controller:
         if self.done:
             obs = self.encoder.encode(self.history)
             return Decision(
-                self._hp_in_force(), self.interval, observation=obs, rolled_back=True, done=True,
+                self._hp_in_force(),
+                self.interval,
+                observation=obs,
+                rolled_back=True,
+                done=True,
                 events=(msg,),
             )
         d = self._decide()

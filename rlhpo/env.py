@@ -12,13 +12,13 @@ from gymnasium import spaces
 
 from rlhpo.actions import ActionCodec
 from rlhpo.knobs import BATCH_SIZE, LR, check_knob
-from rlhpo.residual import BaseSchedule
 from rlhpo.observation import (
     MetricHistory,
     ObservationEncoder,
     encoder_class,
     normalised_score,
 )
+from rlhpo.residual import BaseSchedule
 from rlhpo.safety import EXPLODE_FACTOR, CollapseRule, DivergenceRule
 from rlhpo.starts import START_DRAWN, start_hp
 from rlhpo.tasks.spec import Suite, TaskSpec, load_suite

@@ -388,8 +388,12 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
     if not isinstance(m.get("guard", True), bool):
         raise PolicyFileError(f"{where}: guard must be true or false, got {_short(m.get('guard'))}")
     k = env.get("collapse_k")
-    if k is not None and not (isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e6):
-        raise PolicyFileError(f"{where}: env.collapse_k must be a number > 0 or null, got {_short(k)}")
+    if k is not None and not (
+        isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k < 1e6
+    ):
+        raise PolicyFileError(
+            f"{where}: env.collapse_k must be a number > 0 or null, got {_short(k)}"
+        )
     return m
 
 

@@ -111,7 +111,9 @@ def test_a_malformed_base_schedule_in_a_policy_file_is_refused(tmp_path):
     from rlhpo.policy import PolicyNet, save_policy
 
     net = PolicyNet(obs_dim=encoder_class(2).SIZE)
-    save_policy(tmp_path / "p", net, obs_version=2, env={"base_schedule": {"peaks": {"adam": 50.0}}})
+    save_policy(
+        tmp_path / "p", net, obs_version=2, env={"base_schedule": {"peaks": {"adam": 50.0}}}
+    )
     with pytest.raises(PolicyFileError, match=r"env\.base_schedule peak for 'adam'"):
         load_policy(tmp_path / "p")
 

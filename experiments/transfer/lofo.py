@@ -152,7 +152,9 @@ def report(root: Path, variants: list[dict], out_md: Path) -> None:
         ref_score[(r["method"], r["task"], r["seed"], r["start"])] = float(r["norm_val_score"])
 
     def ref_of(method: str, task: str, seed: str, start: str) -> float | None:
-        return ref_score.get((method, task, seed, start), ref_score.get((method, task, seed, "any")))
+        return ref_score.get(
+            (method, task, seed, start), ref_score.get((method, task, seed, "any"))
+        )
 
     lines = [
         "# Leave-one-family-out validation (issue #15)",
@@ -221,9 +223,17 @@ def report(root: Path, variants: list[dict], out_md: Path) -> None:
             lines.append(
                 "| "
                 + " | ".join(
-                    [v["name"], "on" if guard else "off", *cells, f"{m:.3f}",
-                     f"{_mean(d_static):+.3f}", f"{_mean(d_wc):+.3f}", str(harm),
-                     f"{_mean(mins):.1f}", f"{_mean(eps):.0f}"]  # fmt: skip
+                    [
+                        v["name"],
+                        "on" if guard else "off",
+                        *cells,
+                        f"{m:.3f}",
+                        f"{_mean(d_static):+.3f}",
+                        f"{_mean(d_wc):+.3f}",
+                        str(harm),
+                        f"{_mean(mins):.1f}",
+                        f"{_mean(eps):.0f}",
+                    ]  # fmt: skip
                 )
                 + " |"
             )
@@ -231,12 +241,18 @@ def report(root: Path, variants: list[dict], out_md: Path) -> None:
     for method in ("static", "warmup-cosine"):
         cells, alls = [], []
         for fold in folds:
-            sc = [float(r["norm_val_score"]) for r in ref if r["method"] == method and r["task"] in fold.val]
+            sc = [
+                float(r["norm_val_score"])
+                for r in ref
+                if r["method"] == method and r["task"] in fold.val
+            ]
             alls += sc
             cells.append(f"{_mean(sc):.3f}" if sc else "—")
         lines.append(
             "| "
-            + " | ".join([f"*{method}* (reference)", "—", *cells, f"{_mean(alls):.3f}", "", "", "", "", ""])
+            + " | ".join(
+                [f"*{method}* (reference)", "—", *cells, f"{_mean(alls):.3f}", "", "", "", "", ""]
+            )
             + " |"
         )
     lines += ["", "## Variants", ""]

@@ -95,7 +95,6 @@ class PPOSettings(EnvSettings):
 
 
 def _build_model(s: PPOSettings, venv, seed: int):
-    from stable_baselines3 import PPO
 
     model = _new_ppo(s, venv, seed)
     if s.noop_bias:

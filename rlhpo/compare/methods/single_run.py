@@ -175,7 +175,11 @@ class WarmupCosineMethod(Method):
                 d = json.loads(r["detail"] or "{}")
                 seen.add(r["method"])
                 peaks = sorted(
-                    {json.loads(x["detail"] or "{}").get("peak_lr") for x in rows if x["method"] == r["method"]}
+                    {
+                        json.loads(x["detail"] or "{}").get("peak_lr")
+                        for x in rows
+                        if x["method"] == r["method"]
+                    }
                 )
                 notes.append(
                     f"- `{r['method']}`: peak lr {', '.join(str(p) for p in peaks)} ({d.get('peak_source')}), "
