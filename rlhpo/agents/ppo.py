@@ -95,7 +95,7 @@ class PPOSettings(EnvSettings):
 
 
 def _build_model(s: PPOSettings, venv, seed: int):
-
+    """SB3 PPO for the recipe, its "keep" logits raised by ``noop_bias``."""
     model = _new_ppo(s, venv, seed)
     if s.noop_bias:
         _bias_noop(model, venv, s.noop_bias)
