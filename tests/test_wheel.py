@@ -67,7 +67,7 @@ def test_wheel_installs_with_its_data_and_runs_outside_the_repo(tmp_path):
         rlhpo = [str(site / "bin" / "rlhpo")]
 
     out = _run([*rlhpo, "tasks"], work, env)
-    assert "mnist1d-cnn" in out  # the default suite, found inside the installed package
+    assert "cnn2d-shapes" in out  # the default suite (v2), found inside the installed package
     out = _run([*rlhpo, "policy", "info", "default"], work, env)
     assert "weights OK" in out
     out = _run(
