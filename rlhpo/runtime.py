@@ -61,8 +61,7 @@ def probe_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> N
     if not sep or not host or not port.isdigit():
         raise ConnectionError(f"not HOST:PORT, ray://HOST:PORT or auto: {address!r}")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
         raise ConnectionError(f"nothing answers at {hostport} ({e.strerror or e})") from None
     if address.startswith("ray://"):
