@@ -348,9 +348,13 @@ class Controller:
         self.base = policy.base_schedule
         if optimizer_kind is None:
             optimizer_kind = type(optimizer).__name__ if optimizer is not None else "adam"
+        elif str(optimizer_kind).lower() not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optimizer_kind must be adam, adamw or sgd, got {optimizer_kind!r}")
         self.optimizer_kind = optimizer_kind
         if interval_samples is not None and (
-            isinstance(interval_samples, bool) or int(interval_samples) < 1
+            isinstance(interval_samples, bool)
+            or not isinstance(interval_samples, (int, np.integer))
+            or interval_samples < 1
         ):
             raise ValueError(f"interval_samples must be a positive int, got {interval_samples!r}")
         self.interval_samples = None if interval_samples is None else int(interval_samples)

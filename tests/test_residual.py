@@ -140,3 +140,33 @@ def test_the_policy_file_says_whether_the_guard_runs(tmp_path):
     save_policy(tmp_path / "bad", net, guard="yes")
     with pytest.raises(PolicyFileError, match="guard must be true or false, got 'yes'"):
         load_policy(tmp_path / "bad")
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"optimizer_kind": "rmsprop"}, "optimizer_kind must be adam, adamw or sgd, got 'rmsprop'"),
+        ({"interval_samples": "abc"}, "interval_samples must be a positive int, got 'abc'"),
+        ({"interval_samples": 0}, "interval_samples must be a positive int, got 0"),
+    ],
+)
+def test_controller_residual_arguments_bad_values_are_one_line_errors(kw, needle):
+    import torch
+
+    from rlhpo.controller import Controller
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as e:
+        Controller.load(
+            "default", optimizer=opt, model=model, budget_samples=100, n_classes=2,
+            batch_size=64, **kw,
+        )  # fmt: skip
+    assert str(e.value) == needle
+
+
+def test_a_nan_noop_bias_is_refused():
+    from rlhpo.agents.ppo import PPOSettings
+
+    with pytest.raises(ValueError, match="noop_bias must be a finite number, got nan"):
+        PPOSettings(noop_bias=float("nan"))

@@ -72,25 +72,22 @@ def test_controller_rolls_back_on_a_validation_loss_blow_up(tmp_path):
     assert d.lr == pytest.approx(1e-3 * 0.25)
 
 
+def _last_decision(ctl, scores):
+    """Start at 0.4, report ``scores`` one interval each; the last decision."""
+    ctl.start(val_loss=1.0, val_score=0.4)
+    for i, s in enumerate(scores):
+        d = ctl.step(train_loss=0.5, val_loss=0.5, val_score=s, samples=100 * (i + 1))
+    return d
+
+
 def test_collapse_guard_is_on_by_default_and_restores_the_best_state(tmp_path, caplog):
     scores = [0.9, 0.92, 0.5]
-    _, _, off = _run(tmp_path, collapse=False)
-    off.start(val_loss=1.0, val_score=0.4)
-    for i, s in enumerate(scores):
-        d = off.step(train_loss=0.5, val_loss=0.5, val_score=s, samples=100 * (i + 1))
-    assert not d.rolled_back
-    _, _, on = _run(tmp_path, n_val=1000)  # the default: on
-    on.start(val_loss=1.0, val_score=0.4)
-    for i, s in enumerate(scores):
-        d = on.step(train_loss=0.5, val_loss=0.5, val_score=s, samples=100 * (i + 1))
+    assert not _last_decision(_run(tmp_path, collapse=False)[2], scores).rolled_back
+    d = _last_decision(_run(tmp_path, n_val=1000)[2], scores)  # the default: on
     assert d.rolled_back and "collapse" in d.events[0]
     # Without the validation size the noise is unknown until two changes were seen:
     # no verdict on a short history (a wobble near chance is not a collapse).
-    _, _, blind = _run(tmp_path)
-    blind.start(val_loss=1.0, val_score=0.4)
-    for i, s in enumerate(scores):
-        d = blind.step(train_loss=0.5, val_loss=0.5, val_score=s, samples=100 * (i + 1))
-    assert not d.rolled_back
+    assert not _last_decision(_run(tmp_path)[2], scores).rolled_back
 
     model, opt, ctl = _run(tmp_path, collapse=True, n_val=1000)
     ctl.start(val_loss=1.0, val_score=0.4)

@@ -14,6 +14,7 @@ a fresh episode (reseeded from the seed and the resumed timestep).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ class PPOSettings(EnvSettings):
     the untrained policy's most likely action keeps everything as it is. With a
     base schedule that is the calibrated schedule itself: training starts from it
     and moves away only where the reward says so (residual policy learning)."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.noop_bias):
+            raise ValueError(f"noop_bias must be a finite number, got {self.noop_bias!r}")
 
 
 def _build_model(s: PPOSettings, venv, seed: int):
