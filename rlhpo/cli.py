@@ -356,7 +356,7 @@ def demo(
 @app.command()
 def train(
     out: Annotated[str, typer.Option(help="Run directory: log, checkpoint, W&B run, policy/.")],
-    agent: Annotated[str, typer.Option(help="ppo or reinforce.")] = "ppo",
+    agent: Annotated[str, typer.Option(help="ppo, reinforce or vine.")] = "ppo",
     suite: Annotated[
         str, typer.Option(help="Suite name (default, tiny) or path to a TOML file.")
     ] = "default",
@@ -418,7 +418,10 @@ def train(
     overrides = list(set_ or [])
     if n_envs is not None:
         if agent != "ppo":
-            _fail(f"--n-envs applies to ppo only (reinforce runs one env), got --agent {agent}")
+            _fail(
+                f"--n-envs applies to ppo only (reinforce and vine run no vector env), "
+                f"got --agent {agent}"
+            )
         overrides.append(f"n_envs={n_envs}")
     command = " ".join(["rlhpo", *sys.argv[1:]])
     try:
@@ -465,7 +468,7 @@ def train(
     finally:
         lock.release()
     if info["timesteps"] > timesteps:
-        unit = "rollouts (n_steps x n_envs)" if agent == "ppo" else "episodes"
+        unit = {"ppo": "rollouts (n_steps x n_envs)", "vine": "rounds"}.get(agent, "episodes")
         console.print(
             f"note: trained {info['timesteps']} timesteps for --timesteps {timesteps}: "
             f"{agent} trains in whole {unit}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -170,6 +171,7 @@ class HPOEnv(gym.Env):
       sees). Domain randomisation: a task's best learning rate moves by ``c``, so a
       policy cannot memorise one schedule per task and has to read the run's response.
       ``(1, 1)`` (default) is off; the factor is in ``info["lr_scale"]``.
+      ``reset(options={"lr_scale": c})`` pins it for one episode (a curriculum).
     - ``collapse_k``: off (None, default) or the ``k`` of a
       :class:`rlhpo.safety.CollapseRule`: when the validation score falls more than
       ``k`` x its noise below its best, the run goes back to its best state, the
@@ -272,8 +274,19 @@ class HPOEnv(gym.Env):
             start = {**start, LR.name: task.space.clip(LR.name, self.base.peak(task.optimizer))}
         self._level = float(start[LR.name]) if self.base is not None else None
         lo, hi = self.lr_scale
-        # Drawn only when on, so that the default keeps every seed's episode as it was.
-        c = float(math.exp(self.np_random.uniform(math.log(lo), math.log(hi)))) if hi > lo else lo
+        if "lr_scale" in options:  # pinned by the caller (a curriculum, a regret grid)
+            c = options["lr_scale"]
+            if (
+                isinstance(c, bool)
+                or not isinstance(c, (int, float))
+                or not (math.isfinite(c) and c > 0)
+            ):
+                raise ValueError(f"options['lr_scale'] must be a finite number > 0, got {c!r}")
+            c = float(c)
+        elif hi > lo:  # drawn only when on, so the default keeps every seed's episode
+            c = float(math.exp(self.np_random.uniform(math.log(lo), math.log(hi))))
+        else:
+            c = lo
         self._lr_c = c
         self.spec_task = task
         lr = LR.name
@@ -447,6 +460,46 @@ class HPOEnv(gym.Env):
         if self.timing:
             info["wall_time"] = tr.wall_time
         return info
+
+    # -- going back: branch rollouts -----------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        """Everything needed to continue this episode exactly from here: the run
+        (model, optimizer, knobs, data order, dropout RNG, sample and step counters)
+        and the env's own bookkeeping (history, level, guard state).
+
+        :meth:`load_state` of it replays the same future for the same actions, so
+        branches from one state share the data order and dropout masks (common random
+        numbers): the difference of their returns is the difference their actions made.
+        """
+        if self.trainee is None:
+            raise RuntimeError("call reset() before save_state()")
+        tr = self.trainee
+        return {
+            "trainee": tr.snapshot(),
+            "samples_seen": tr.samples_seen,
+            "optimizer_steps": tr.optimizer_steps,
+            "history": copy.deepcopy(self.history),
+            "level": self._level,
+            "lr_cap": self._lr_cap,
+            # The best snapshot is never modified in place (restore copies it).
+            "best": None if self._best is None else dict(self._best),
+            "interval": self.interval,
+            "static_steps": self.static_steps,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Go back to a :meth:`save_state` of this episode (the same task and run)."""
+        if self.trainee is None:
+            raise RuntimeError("call reset() before load_state()")
+        tr = self.trainee
+        tr.restore(state["trainee"], data=True)
+        tr.samples_seen = state["samples_seen"]
+        tr.optimizer_steps = state["optimizer_steps"]
+        self.history = copy.deepcopy(state["history"])
+        self._level, self._lr_cap = state["level"], state["lr_cap"]
+        self._best = None if state["best"] is None else dict(state["best"])
+        self.interval, self.static_steps = state["interval"], state["static_steps"]
+        # knobs: restore() wrote all but the lr, which the optimizer's state carries.
 
     def test_score(self) -> dict[str, float]:
         """Test-split loss and metric of the current run, for reporting only.

@@ -276,7 +276,62 @@ class ObservationEncoderV2(ObservationEncoder):
         return np.clip(f, -_CLIP, _CLIP).astype(np.float32)
 
 
-ENCODERS: dict[int, type[ObservationEncoder]] = {1: ObservationEncoder, 2: ObservationEncoderV2}
+#: A normalised validation score below this has not clearly left chance.
+CHANCE_BAND = 0.1
+#: A training loss within this (in log) of the reference loss has not moved.
+LOSS_BAND = 0.05
+
+
+def stuck_fractions(history: MetricHistory) -> tuple[float, float]:
+    """How long the run has been stuck, as budget fractions.
+
+    ``(at_chance, loss_flat)``: the budget used while every validation score so far
+    stayed below :data:`CHANCE_BAND` (0 once one rose above it), and the budget used
+    while no training loss so far fell more than :data:`LOSS_BAND` (log) below the
+    untrained model's validation loss (0 once one did; a loss that rises or wobbles
+    has not started to fall).
+    """
+    recs = history.records
+    cur = recs[-1]
+    ref = recs[0].val_loss
+    at_chance = cur.budget_fraction if history.best_score < CHANCE_BAND else 0.0
+    fell = any(_log_ratio(r.train_loss, ref) < -LOSS_BAND for r in recs if r.train_loss is not None)
+    loss_flat = 0.0 if fell else cur.budget_fraction
+    return at_chance, loss_flat
+
+
+class ObservationEncoderV3(ObservationEncoderV2):
+    """Version 3: v2's features plus two that say a run has not started learning.
+
+    The prior's misses all had one shape (issue #22): runs that never leave chance,
+    an attention model at too high a peak or a recurrent net whose loss never moved.
+    v2 shows the current and best score, but not for how long nothing has happened.
+
+    ====  ======================================================================
+    0-20  as v2
+    21    budget fraction spent with the best validation score still below
+          :data:`CHANCE_BAND` (0 once the run has left chance)
+    22    budget fraction spent before the training loss first fell
+          :data:`LOSS_BAND` below the untrained model's loss (0 once it did)
+    23+   the space's opt-in knobs, as 2-3
+    ====  ======================================================================
+    """
+
+    VERSION = 3
+    SIZE = 23
+
+    def encode(self, history: MetricHistory) -> np.ndarray:
+        v2 = super().encode(history)
+        n = ObservationEncoderV2.SIZE
+        stuck = np.asarray(stuck_fractions(history), dtype=np.float32)
+        return np.concatenate([v2[:n], stuck, v2[n:]]).astype(np.float32)
+
+
+ENCODERS: dict[int, type[ObservationEncoder]] = {
+    1: ObservationEncoder,
+    2: ObservationEncoderV2,
+    3: ObservationEncoderV3,
+}
 """Every observation encoder this rlhpo has, by version."""
 
 

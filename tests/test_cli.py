@@ -67,8 +67,8 @@ CASES = {
     ),
     "train --executor ray --agent reinforce": (
         ["train", "--out", "{root}/t", "--executor", "ray", "--agent", "reinforce"],
-        "reinforce trains one env in this process: use --agent ppo with --executor ray, or "
-        "--executor local, got --agent reinforce",
+        "reinforce and vine run their envs in local processes: use --agent ppo with "
+        "--executor ray, or --executor local, got --agent reinforce",
     ),
     "train --executor ray vec_env=subproc": (
         ["train", "--out", "{root}/t", "--executor", "ray", "--set", "vec_env=subproc"],

@@ -1,5 +1,6 @@
-"""Agents that learn a tuning policy on ``rlhpo/HPO-v0``: PPO (stable-baselines3) and
-REINFORCE (own, one readable module). Both checkpoint without pickle, resume, log to
+"""Agents that learn a tuning policy on ``rlhpo/HPO-v0``: PPO (stable-baselines3),
+REINFORCE (own, one readable module) and vine (policy improvement from branch
+rollouts with common random numbers, one readable module). All checkpoint without pickle, resume, log to
 W&B + JSONL, and save a :mod:`rlhpo.policy` file."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-AGENTS = ("ppo", "reinforce")
+AGENTS = ("ppo", "reinforce", "vine")
 
 
 def settings_class(agent: str) -> type:
@@ -20,6 +21,10 @@ def settings_class(agent: str) -> type:
         from rlhpo.agents.reinforce import ReinforceSettings
 
         return ReinforceSettings
+    if agent == "vine":
+        from rlhpo.agents.vine import VineSettings
+
+        return VineSettings
     raise ValueError(f"agent must be one of {AGENTS}, got {agent!r}")
 
 
@@ -45,13 +50,23 @@ def train(agent: str, settings: Any, out: str | Path, **kwargs: Any) -> dict[str
         if executor != "local":
             raise ValueError(REINFORCE_LOCAL_ONLY.format(executor=executor))
         return train_reinforce(settings, out, **kwargs)
+    if agent == "vine":
+        from rlhpo.agents.vine import train_vine
+
+        executor = kwargs.pop("executor", "local")
+        kwargs.pop("address", None)
+        if executor != "local":
+            raise ValueError(REINFORCE_LOCAL_ONLY.format(executor=executor))
+        return train_vine(settings, out, **kwargs)
     raise ValueError(f"agent must be one of {AGENTS}, got {agent!r}")
 
 
-# REINFORCE steps one env in this process: there are no env shards to put in actors.
+# REINFORCE steps one env in this process and vine its own worker processes: there
+# are no env shards to put in actors.
 REINFORCE_LOCAL_ONLY = (
-    "--executor {executor} runs PPO's env shards as Ray actors; reinforce trains one env in "
-    "this process: use --agent ppo with --executor {executor}, or --executor local"
+    "--executor {executor} runs PPO's env shards as Ray actors; reinforce and vine run "
+    "their envs in local processes: use --agent ppo with --executor {executor}, or "
+    "--executor local"
 )
 
 __all__ = ["AGENTS", "load_settings", "settings_class", "train"]

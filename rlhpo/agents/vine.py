@@ -1,0 +1,559 @@
+"""Vine: policy improvement from branch rollouts with common random numbers, in one file.
+
+Whole-episode returns from the few hundred episodes these machines afford cannot
+tell a good move from noise (PPO over the prior never left "keep", issue #22).
+This agent measures each move instead. At sampled decision points of a run it
+saves the run, continues it once per candidate learning-rate move, and lets every
+branch follow the current policy to the end (:func:`rlhpo.branching.branch`). The
+branches share the data order and dropout masks, so ``A(s, a) = G(a) - G(keep)``
+is what the move changed (TRPO's "vine" estimator, Schulman et al. 2015).
+
+The update is the vine's: maximise ``sum_a pi(a|s) (A(s, a) - c [a != keep])`` over
+every branched state, with a KL penalty to the round's starting policy and an early
+stop at ``kl_target`` (the PPO-penalty form of a trust region). ``c`` (``move_cost``)
+is the price of leaving the prior: a move must beat "keep" by more than the noise
+of a branch to be learned. Round 1 follows the prior ("keep", the tuned schedule),
+so a one-round run learns where a single move away from the prior pays.
+
+Episodes come from a curriculum on the prior's failures: a share drawn uniformly
+(task, and the env's lr factor), the rest drawn in proportion to the prior's
+measured regret per (task, lr factor) (``curriculum``, committed by
+``experiments/transfer/regret.py``).
+
+Resumable without pickle: every finished episode (its branched states and
+advantages) is one JSON line of ``branches.jsonl`` and its content depends only on
+(seed, round, index, the round's policy), so a run killed at any moment resumes
+by collecting the episodes its file lacks: none twice, none lost. The policy after
+each round is in ``checkpoint.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhpo.actions import noop_of
+from rlhpo.agents.checkpoint import load_checkpoint, save_checkpoint
+from rlhpo.agents.envs import EnvSettings
+from rlhpo.agents.ppo import COMPUTE_NOTE
+from rlhpo.agents.recipe import build_settings, settings_dict
+from rlhpo.knobs import LR, order_knobs
+from rlhpo.policy import PolicyNet, save_policy
+
+BRANCHES = "branches.jsonl"
+
+
+@dataclass
+class VineSettings(EnvSettings):
+    """Vine recipe (``rlhpo/recipes/vine.toml``); override any field with ``--set``."""
+
+    rounds: int = 1
+    """Collect-then-update rounds; round r's branches follow round r-1's policy."""
+    episodes_per_round: int = 160
+    """Episodes collected per round (each with ``branch_points`` branched states)."""
+    branch_points: int = 2
+    """Decisions branched per episode, drawn among those before ``branch_until``."""
+    branch_until: float = 0.5
+    """Only decisions before this budget fraction are branched (rescues come early)."""
+    move_cost: float = 0.02
+    """Subtracted from the advantage of every move that leaves "keep" (do no harm)."""
+    uniform_share: float = 0.5
+    """Share of episodes drawn uniformly; the rest in proportion to the prior's regret."""
+    curriculum: str = "regret-default.json"
+    """Regret of the prior per (task, lr factor), in ``rlhpo/recipes/``; "" = uniform."""
+    learning_rate: float = 3e-3
+    """Adam step of the policy update."""
+    update_steps: int = 300
+    """Full-batch gradient steps per round (fewer when ``kl_target`` is reached)."""
+    kl_coef: float = 0.1
+    """Weight of KL(round's starting policy || policy) in the update."""
+    kl_target: float = 1.0
+    """Mean KL at which a round's update stops."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay of the policy update."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Hidden sizes of the policy MLP (Tanh)."""
+    noop_bias: float = 2.0
+    """The initial "keep" logit (the last layer starts at zero: round 1 follows the prior)."""
+    workers: int = 2
+    """Processes collecting episodes (one torch thread each)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str, v: Any) -> None:
+            if not ok:
+                raise ValueError(f"{what}, got {v!r}")
+
+        need(self.rounds >= 1, "rounds must be >= 1", self.rounds)
+        need(
+            self.episodes_per_round >= 1, "episodes_per_round must be >= 1", self.episodes_per_round
+        )
+        need(self.branch_points >= 1, "branch_points must be >= 1", self.branch_points)
+        need(0 < self.branch_until <= 1, "branch_until must be in (0, 1]", self.branch_until)
+        need(
+            math.isfinite(self.move_cost) and self.move_cost >= 0,
+            "move_cost must be a finite number >= 0",
+            self.move_cost,
+        )
+        need(0 <= self.uniform_share <= 1, "uniform_share must be in [0, 1]", self.uniform_share)
+        for name in ("learning_rate", "kl_coef", "kl_target"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v > 0, f"{name} must be a finite number > 0", v)
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay must be a finite number >= 0",
+            self.weight_decay,
+        )
+        need(self.update_steps >= 1, "update_steps must be >= 1", self.update_steps)
+        need(math.isfinite(self.noop_bias), "noop_bias must be a finite number", self.noop_bias)
+        need(self.workers >= 1, "workers must be >= 1", self.workers)
+        need(
+            len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+            "hidden must be a list of sizes >= 1",
+            list(self.hidden),
+        )
+
+
+# ----------------------------------------------------------------------------------
+# The curriculum: which (task, lr factor) an episode trains
+# ----------------------------------------------------------------------------------
+def load_curriculum(name: str, tasks: list[str]) -> list[tuple[str, float, float]]:
+    """``(task, lr factor, regret)`` rows of a curriculum file (in the recipes folder,
+    or a path), restricted to ``tasks``; [] for ``""``."""
+    if not name:
+        return []
+    from rlhpo.shipped import recipes_dir
+
+    p = Path(name) if os.path.sep in name else recipes_dir() / name
+    if not p.is_file():
+        raise ValueError(f"curriculum file {p} does not exist")
+    try:
+        raw = json.loads(p.read_text())
+        rows = [(str(r["task"]), float(r["lr_scale"]), float(r["regret"])) for r in raw["rows"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"curriculum file {p}: expected {{'rows': [{{task, lr_scale, regret}}]}} ({e})"
+        ) from None
+    bad = [r for r in rows if not (r[1] > 0 and math.isfinite(r[2]) and r[2] >= 0)]
+    if bad:
+        raise ValueError(f"curriculum file {p}: lr_scale must be > 0 and regret >= 0, got {bad[0]}")
+    keep = set(tasks)
+    return [r for r in rows if r[0] in keep]
+
+
+def draw_episode(
+    s: VineSettings, seed: int, rnd: int, index: int, tasks: list[str], curriculum: list
+) -> dict[str, Any]:
+    """The task, lr factor, env seed and branched decisions of one episode: a pure
+    function of (seed, round, index), so a resumed run draws the same episodes."""
+    rng = np.random.default_rng([seed, rnd, index])
+    weights = np.array([r[2] for r in curriculum], dtype=np.float64)
+    lo, hi = s.lr_scale
+    if curriculum and weights.sum() > 0 and rng.random() >= s.uniform_share:
+        task, c, _ = curriculum[int(rng.choice(len(curriculum), p=weights / weights.sum()))]
+    else:
+        task = tasks[int(rng.integers(len(tasks)))]
+        c = float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
+    return {
+        "task": task,
+        "lr_scale": float(c),
+        "env_seed": int(rng.integers(2**31 - 1)),
+        "pick": int(rng.integers(2**31 - 1)),
+    }
+
+
+# ----------------------------------------------------------------------------------
+# Collection (worker processes)
+# ----------------------------------------------------------------------------------
+_ENV: dict[str, Any] = {}
+
+
+def _worker_env(config):
+    """One env per worker process (the suite's data is generated once)."""
+    from rlhpo.env import HPOEnv
+
+    key = repr(config)
+    if key not in _ENV:
+        torch.set_num_threads(1)
+        _ENV.clear()
+        _ENV[key] = HPOEnv(config)
+    return _ENV[key]
+
+
+def collect_episode(
+    config, s: VineSettings, job: dict[str, Any], net_state: dict | None, arch: dict[str, Any]
+) -> dict[str, Any]:
+    """Run one episode under the policy; branch every lr move at the drawn decisions."""
+    from rlhpo.branching import branch
+
+    t0 = time.perf_counter()
+    env = _worker_env(config)
+    net = _net_from(arch, net_state)
+    follow = (lambda o: net.act(o)) if net_state is not None else None
+    obs, info = env.reset(
+        seed=job["env_seed"], options={"task": job["task"], "lr_scale": job["lr_scale"]}
+    )
+    intervals = env.spec_task.intervals
+    last = max(1, min(intervals, int(s.branch_until * intervals)))
+    rng = np.random.default_rng(job["pick"])
+    points = set(rng.choice(last, size=min(s.branch_points, last), replace=False).tolist())
+    lr_dim = env.codec.knobs.index(LR.name)
+    n_lr = env.codec.nvec[lr_dim]
+    noop = np.asarray(env.codec.noop)
+    states, taken, steps = [], [], 0
+    for k in range(intervals):
+        if k in points:
+            moves = []
+            for j in range(n_lr):
+                a = noop.copy()
+                a[lr_dim] = j
+                moves.append(a)
+            bs = branch(env, moves, follow=follow)
+            steps += sum(b.steps for b in bs)
+            keep = bs[int(noop[lr_dim])].ret
+            states.append(
+                {
+                    "k": k,
+                    "frac": info["samples"] / info["budget_samples"],
+                    "obs": [round(float(v), 6) for v in obs],
+                    "adv": [round(b.ret - keep, 6) for b in bs],
+                    "final": [round(b.final, 6) for b in bs],
+                }
+            )
+        a = net.act(obs) if net_state is not None else noop
+        taken.append(int(a[lr_dim]))
+        obs, _, term, trunc, info = env.step(a)
+        steps += 1
+        if term or trunc:
+            break
+    return {
+        **job,
+        "family": env.spec_task.family or env.spec_task.model,
+        "final": float(info["val_norm_score"]),
+        "states": states,
+        "taken": taken,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+# ----------------------------------------------------------------------------------
+# The policy and its update
+# ----------------------------------------------------------------------------------
+def new_policy(
+    obs_dim: int, nvec: tuple[int, ...], noop: tuple[int, ...], s: VineSettings, seed: int
+) -> PolicyNet:
+    """A policy that keeps everything: zero last layer, ``noop_bias`` on each "keep"."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = PolicyNet(obs_dim=obs_dim, nvec=nvec, hidden=tuple(s.hidden), activation="tanh")
+    with torch.no_grad():
+        net.action_net.weight.zero_()
+        net.action_net.bias.zero_()
+        off = 0
+        for n, k in zip(nvec, noop, strict=True):
+            net.action_net.bias[off + k] = s.noop_bias
+            off += n
+    return net
+
+
+def _net_from(arch: dict[str, Any], state: dict | None) -> PolicyNet:
+    net = PolicyNet(
+        obs_dim=arch["obs_dim"],
+        nvec=tuple(arch["nvec"]),
+        hidden=tuple(arch["hidden"]),
+        activation=arch["activation"],
+    )
+    if state is not None:
+        net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    net.eval()
+    return net
+
+
+def labelled_states(episodes: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Observations and per-move advantages of every branched state, in (round,
+    episode) order whatever order they were collected in."""
+    episodes = sorted(episodes, key=lambda ep: (ep["round"], ep["index"]))
+    obs = [st["obs"] for ep in episodes for st in ep["states"]]
+    adv = [st["adv"] for ep in episodes for st in ep["states"]]
+    return np.asarray(obs, dtype=np.float32), np.asarray(adv, dtype=np.float32)
+
+
+def update(
+    net: PolicyNet, obs: np.ndarray, adv: np.ndarray, lr_dim: int, keep: int, s: VineSettings
+) -> dict[str, float]:
+    """One round's update of the lr head on the branched states (see the module doc)."""
+    if len(obs) == 0:
+        return {"states": 0, "steps": 0, "kl": 0.0, "objective": 0.0}
+    x = torch.as_tensor(obs)
+    a = torch.as_tensor(adv) - s.move_cost
+    a[:, keep] = torch.as_tensor(adv)[:, keep]  # keep's own advantage is 0 by construction
+    with torch.no_grad():
+        old = torch.log_softmax(net.split_logits(net(x))[lr_dim], -1)
+    opt = torch.optim.AdamW(net.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+    kl = torch.zeros(())
+    steps = 0
+    while steps < s.update_steps:  # full batch: nothing random, the same data gives the same net
+        steps += 1
+        logp = torch.log_softmax(net.split_logits(net(x))[lr_dim], -1)
+        gain = (logp.exp() * a).sum(-1).mean()
+        kl = (old.exp() * (old - logp)).sum(-1).mean()
+        loss = -gain + s.kl_coef * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if kl.item() > s.kl_target:
+            break
+    with torch.no_grad():
+        p = torch.softmax(net.split_logits(net(x))[lr_dim], -1)
+        moves = float((p.argmax(-1) != keep).float().mean())
+        gain = float((p * a).sum(-1).mean())
+    return {
+        "states": len(obs),
+        "steps": steps,
+        "kl": float(kl.detach()),
+        "objective": gain,
+        "share_moving": moves,
+    }
+
+
+def set_obs_norm(net: PolicyNet, obs: np.ndarray) -> None:
+    """Normalise observations with the first round's statistics (kept in the policy)."""
+    if len(obs) < 2:
+        return
+    with torch.no_grad():
+        net.obs_mean.copy_(torch.as_tensor(obs.mean(0)))
+        net.obs_std.copy_(torch.as_tensor(np.maximum(obs.std(0), 1e-3)))
+
+
+# ----------------------------------------------------------------------------------
+# The run: rounds of collect -> update, resumable
+# ----------------------------------------------------------------------------------
+def read_branches(path: Path) -> list[dict[str, Any]]:
+    """The episodes of ``branches.jsonl``; a last line cut by a kill is dropped (and
+    cut from the file, so the next append starts on a clean line)."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    good = raw[: raw.rfind(b"\n") + 1]
+    if len(good) != len(raw):
+        with path.open("r+b") as f:
+            f.truncate(len(good))
+    eps, seen = [], set()
+    for line in good.decode().splitlines():
+        ep = json.loads(line)
+        key = (ep["round"], ep["index"])
+        if key not in seen:  # a duplicate can only be a rerun of the same pure episode
+            seen.add(key)
+            eps.append(ep)
+    return eps
+
+
+def train_vine(
+    settings: VineSettings,
+    out: str | Path,
+    *,
+    timesteps: int,
+    seed: int = 0,
+    suite: str = "default",
+    resume: bool = False,
+    use_wandb: bool = True,
+    show_progress: bool = True,
+    console=None,
+    command: str | None = None,
+    exclude_families: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Train; stop after ``rounds`` rounds or the round in which ``timesteps`` env steps
+    (main runs and branches) were reached; save ``out/policy``."""
+    from rlhpo.env import EnvConfig, HPOEnv
+    from rlhpo.tracking import Tracker
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done_rounds, wall_before, resumes, state = 0, 0.0, 0, None
+    if resume:
+        tensors, meta = load_checkpoint(out)
+        if meta.get("agent") != "vine":
+            raise ValueError(f"{out}: checkpoint is for agent {meta.get('agent')!r}, not vine")
+        settings = build_settings(VineSettings, meta["settings"])
+        seed, suite = int(meta["seed"]), str(meta["suite"])
+        exclude_families = tuple(meta.get("exclude_families", ()))
+        done_rounds, wall_before = int(meta["rounds_done"]), float(meta["wall_time"])
+        resumes = int(meta.get("resumes", 0)) + 1
+        state = {k[7:]: v for k, v in tensors.items() if k.startswith("policy/")}
+    s = settings
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    if set(s.freeze) != {"batch_size", "dropout"}:
+        raise ValueError(
+            f"vine moves the learning rate only: freeze must be [batch_size, "
+            f"dropout], got {list(s.freeze)}"
+        )
+    config = EnvConfig.of(s.env_config(suite), timing=False).with_suite_loaded()
+    probe = HPOEnv(config)
+    tasks = [
+        t
+        for t, spec in probe.tasks.items()
+        if (spec.family or spec.model) not in set(exclude_families)
+    ]
+    if not tasks:
+        raise ValueError(f"no train task is left after excluding {list(exclude_families)}")
+    curriculum = load_curriculum(s.curriculum, tasks)
+    codec_nvec = tuple(int(n) for n in probe.action_space.nvec)
+    noop = noop_of(probe.knobs)
+    lr_dim = order_knobs(probe.knobs).index(LR.name)
+    net = new_policy(probe.observation_space.shape[0], codec_nvec, noop, s, seed)
+    if state is not None:
+        net.load_state_dict(state)
+    arch = net.architecture()
+
+    run_config = {
+        "agent": "vine",
+        "suite": suite,
+        "seed": seed,
+        "timesteps": timesteps,
+        "exclude_families": list(exclude_families),
+        **settings_dict(s),
+    }
+    tracker = Tracker(
+        out,
+        config=run_config,
+        use_wandb=use_wandb,
+        group="train-vine",
+        name=out.name,
+        job_type="train",
+    )
+    t_start = time.monotonic()
+
+    def wall() -> float:
+        return wall_before + time.monotonic() - t_start
+
+    def checkpoint(rounds_done: int) -> None:
+        save_checkpoint(
+            out,
+            {f"policy/{k}": v for k, v in net.state_dict().items()},
+            {
+                "agent": "vine",
+                "settings": settings_dict(s),
+                "seed": seed,
+                "suite": suite,
+                "exclude_families": list(exclude_families),
+                "rounds_done": rounds_done,
+                "wall_time": wall(),
+                "resumes": resumes,
+            },
+        )
+
+    path = out / BRANCHES
+    try:
+        if not resume:
+            path.unlink(missing_ok=True)
+            checkpoint(0)
+        episodes = read_branches(path)
+        total_steps = sum(ep["steps"] for ep in episodes)
+        rnd = done_rounds
+        ex = ProcessPoolExecutor(s.workers) if s.workers > 1 else None
+        try:
+            while rnd < s.rounds and total_steps < timesteps:
+                rnd += 1
+                have = {ep["index"] for ep in episodes if ep["round"] == rnd}
+                net_state = (
+                    None if rnd == 1 else {k: v.numpy() for k, v in net.state_dict().items()}
+                )
+                jobs = [
+                    {"round": rnd, "index": i, **draw_episode(s, seed, rnd, i, tasks, curriculum)}
+                    for i in range(s.episodes_per_round)
+                    if i not in have
+                ]
+                if ex is None:
+                    results = (collect_episode(config, s, j, net_state, arch) for j in jobs)
+                else:
+                    futs = [ex.submit(collect_episode, config, s, j, net_state, arch) for j in jobs]
+                    results = (f.result() for f in futs)
+                with path.open("a") as f:
+                    for ep in results:
+                        f.write(json.dumps(ep) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+                        episodes.append(ep)
+                        total_steps += ep["steps"]
+                        tracker.log(
+                            {
+                                "timesteps": total_steps,
+                                "round": rnd,
+                                "agent/episode_final": ep["final"],
+                                "agent/branched_states": len(ep["states"]),
+                            }
+                        )
+                        if console is not None and show_progress:
+                            n_round = sum(1 for e in episodes if e["round"] == rnd)
+                            console.print(
+                                f"round {rnd}: episode {n_round}/"
+                                f"{s.episodes_per_round} ({ep['task']}, x"
+                                f"{ep['lr_scale']:.2g}) {wall():.0f} s",
+                                highlight=False,
+                            )
+                obs, adv = labelled_states(episodes)
+                if rnd == 1:
+                    set_obs_norm(net, obs)
+                stats = update(net, obs, adv, lr_dim, int(noop[lr_dim]), s)
+                tracker.log(
+                    {
+                        "timesteps": total_steps,
+                        "round": rnd,
+                        **{f"agent/{k}": v for k, v in stats.items()},
+                    }
+                )
+                checkpoint(rnd)
+        finally:
+            if ex is not None:
+                ex.shutdown()
+
+        obs, adv = labelled_states(episodes)
+        best = adv.max(1) if len(adv) else np.zeros(0)
+        info = {
+            "suite": suite,
+            "split": s.split,
+            "tasks": tasks if (exclude_families or s.tasks) else None,
+            "exclude_families": list(exclude_families),
+            "agent": "vine",
+            "timesteps": int(total_steps),
+            "episodes": len(episodes),
+            "rounds": rnd,
+            "branched_states": int(len(obs)),
+            "branches": int(adv.size),
+            "share_states_with_a_better_move": float((best > s.move_cost).mean())
+            if len(best)
+            else None,
+            "seed": seed,
+            "train_wall_time_s": round(wall(), 1),
+            "mean_return": float(np.mean([e["final"] for e in episodes])) if episodes else 0.0,
+            "mean_over_episodes": len(episodes),
+            "env": s.env_record(config),
+            "freeze": list(s.freeze),
+            "compute_charge": COMPUTE_NOTE,
+            "resumes": resumes,
+            "command": command,
+            "recipe": settings_dict(s),
+        }
+        net.eval()
+        save_policy(out / "policy", net, knobs=probe.knobs, obs_version=s.obs_version, **info)
+        tracker.log_policy(out / "policy")
+        tracker.summary(
+            {
+                "agent/episodes": len(episodes),
+                "agent/timesteps": total_steps,
+                "agent/train_wall_time_s": wall(),
+            }
+        )
+        return info
+    finally:
+        tracker.finish()
