@@ -84,8 +84,8 @@ def test_v2_reads_the_lr_relative_to_the_start_and_the_response():
 
 def test_encoder_versions_are_checked_with_both_named():
     assert encoder_class(1) is ObservationEncoder and encoder_class(2) is ObservationEncoderV2
-    with pytest.raises(ValueError, match=r"encoder v3 is not in this rlhpo \(it has v1, v2\)"):
-        encoder_class(3)
+    with pytest.raises(ValueError, match=r"encoder v4 is not in this rlhpo \(it has v1, v2, v3\)"):
+        encoder_class(4)
     with pytest.raises(ValueError, match=r"obs_version: observation encoder v0 is not"):
         EnvConfig(obs_version=0)
     assert EnvConfig.of(obs_version=2).obs_version == 2
