@@ -319,6 +319,8 @@ class ObservationEncoderV3(ObservationEncoderV2):
 
     VERSION = 3
     SIZE = 23
+    #: Where the features a rule reads sit (see :class:`rlhpo.baselines.rescue.RescueRule`).
+    LR_REL, AT_CHANCE, LOSS_FLAT = 1, 21, 22
 
     def encode(self, history: MetricHistory) -> np.ndarray:
         v2 = super().encode(history)

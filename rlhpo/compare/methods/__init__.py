@@ -79,7 +79,7 @@ from rlhpo.compare.methods._cell import (
 )
 from rlhpo.compare.methods.optuna_search import OptunaMethod, study_storage
 from rlhpo.compare.methods.pbt_search import PBTMethod
-from rlhpo.compare.methods.policy import PolicyMethod
+from rlhpo.compare.methods.policy import PolicyMethod, RescueMethod
 from rlhpo.compare.methods.single_run import (
     CosineMethod,
     PlateauMethod,
@@ -111,6 +111,7 @@ def register(cls: type[Method]) -> type[Method]:
 # The registry, one line per method; its order is the parse order and the order of
 # summary.md's notes.
 register(PolicyMethod)
+register(RescueMethod)
 register(StaticMethod)
 register(CosineMethod)
 register(StepMethod)
@@ -217,6 +218,7 @@ __all__ = [
     "ZeroTuningMethod",
     "PlateauMethod",
     "PolicyMethod",
+    "RescueMethod",
     "StaticMethod",
     "StepMethod",
     "WarmupCosineMethod",

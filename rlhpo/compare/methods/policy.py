@@ -95,6 +95,11 @@ class PolicyMethod(Method):
             (policy_path(str(self.policy_dir)) / WEIGHTS).read_bytes()
         ).hexdigest()
 
+    def load(self):
+        """The policy (anything with ``act``, ``freeze``, ``guard``, ``collapse_k`` and
+        ``env_overrides``, as :class:`rlhpo.policy.Policy`)."""
+        return _policy(str(self.policy_dir))
+
     def run(self, cell: Cell) -> CellRun:
         """A policy run through HPOEnv, deterministic actions, same seed as the baselines."""
         from rlhpo.baselines.single import RunOutcome, preload
@@ -103,7 +108,7 @@ class PolicyMethod(Method):
         from rlhpo.tasks.spec import Suite
 
         spec = cell.spec
-        policy = _policy(str(self.policy_dir))
+        policy = self.load()
         suite = Suite(name=cell.suite_name, tasks={spec.name: spec}, train=(spec.name,), test=())
         freeze = tuple(sorted(set(self.freeze) | set(policy.freeze)))
         from rlhpo.safety import COLLAPSE_K
@@ -166,3 +171,48 @@ def _env_row(info: dict[str, Any], t0: float) -> dict[str, Any]:
         "dropout": info["hp"]["dropout"],
         "diverged": info["diverged"],
     }
+
+
+@dataclass(frozen=True)
+class RescueMethod(PolicyMethod):
+    """``rescue[?after=F&floor=F]``: the hand-written rescue rule
+    (:class:`rlhpo.baselines.rescue.RescueRule`) over the prior, run like a policy."""
+
+    after: float = 0.2
+    floor: float = 1 / 16
+
+    kind: ClassVar[str] = "rescue"
+    syntax: ClassVar[str] = "rescue[?after=F&floor=F]"
+    options: ClassVar[frozenset[str]] = frozenset({"after", "floor"})
+    takes_arg: ClassVar[bool] = False
+
+    @classmethod
+    def accepts(cls, base: str) -> bool:
+        return base == "rescue"
+
+    @classmethod
+    def parse(cls, text: MethodText) -> RescueMethod:
+        from rlhpo.baselines.rescue import RescueRule
+
+        after = text.positive_float("after")
+        floor = text.positive_float("floor")
+        kw = {k: v for k, v in (("after", after), ("floor", floor)) if v is not None}
+        try:
+            RescueRule(**kw)
+        except ValueError as e:
+            raise text.error(str(e)) from None
+        return cls(text.raw, text.name or "rescue", **kw)
+
+    def resolve(self, suite_name: str, specs: list[TaskSpec]) -> RescueMethod:
+        return self
+
+    def setup(self) -> dict[str, Any]:
+        return {"after": self.after, "floor": self.floor}
+
+    def fingerprint(self) -> str:
+        return f"rescue after={self.after!r} floor={self.floor!r}"
+
+    def load(self):
+        from rlhpo.baselines.rescue import rescue_rule
+
+        return rescue_rule(self.after, self.floor)
