@@ -1,0 +1,372 @@
+"""Leave-one-family-out validation of the vine policy against its prior and the rescue
+rule (issue #22).
+
+Round 1 of the vine agent follows the prior ("keep") on every branch, so its branch
+data does not depend on the policy being learned: one collection over all train
+families (``rlhpo train --agent vine``, its ``branches.jsonl``) serves every fold. A
+fold's policy is fitted by the agent's own update on the episodes of the *other*
+families only (a bootstrap resample per training seed, and the seed's network
+initialisation), and evaluated on the held-out family's train-split instances at the
+full budget (eval seeds 0-2, start default, no lr factor): final normalised
+*validation* score. The suite's test split is never touched.
+
+Exact and cheap: the env is deterministic under a seed, so a policy's run equals the
+prior's up to the first decision where it leaves "keep". Each policy is first read on
+the prior's recorded observations; only runs it would change are trained again.
+
+    python experiments/transfer/vine_lofo.py --branches runs/vine-s0/branches.jsonl --jobs 2
+    python experiments/transfer/vine_lofo.py --report     # rewrite vine_lofo.md only
+
+The selection rule is in ``vine_variants.toml``, committed before any test-split run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tomllib
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "vine_lofo"
+EVAL_SEEDS = (0, 1, 2)
+FIELDS = [
+    "variant",
+    "fold",
+    "train_seed",
+    "task",
+    "eval_seed",
+    "final",
+    "moved",
+    "moves",
+    "move_fracs",
+    "seconds",
+]
+
+
+def env_config():
+    from rlhpo.agents import load_settings
+    from rlhpo.env import EnvConfig
+
+    cfg = load_settings("vine").env_config("default")
+    return EnvConfig.of(cfg, budget_scale=1.0, lr_scale=(1.0, 1.0), timing=False)
+
+
+_ENV = {}
+
+
+def _env():
+    import torch
+
+    from rlhpo.env import HPOEnv
+
+    if "env" not in _ENV:
+        torch.set_num_threads(1)
+        _ENV["env"] = HPOEnv(env_config())
+    return _ENV["env"]
+
+
+def run_episode(task: str, seed: int, policy=None) -> dict:
+    """One full-budget run; ``policy`` None is the prior ("keep")."""
+    env = _env()
+    t0 = time.perf_counter()
+    obs, info = env.reset(seed=seed, options={"task": task, "start": "default"})
+    trace, moves, fracs = [obs.tolist()], [], []
+    done = False
+    while not done:
+        a = env.codec.noop if policy is None else policy.act(obs)
+        if tuple(int(v) for v in a) != tuple(env.codec.noop):
+            moves.append(int(a[0]))
+            fracs.append(round(info["samples"] / info["budget_samples"], 4))
+        obs, _, term, trunc, info = env.step(a)
+        trace.append(obs.tolist())
+        done = term or trunc
+    return {
+        "task": task,
+        "seed": seed,
+        "final": float(info["val_norm_score"]),
+        "obs": trace[:-1],
+        "moves": moves,
+        "fracs": fracs,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ----------------------------------------------------------------------------- policies
+def load_variants() -> tuple[list[dict], dict]:
+    raw = tomllib.loads((HERE / "vine_variants.toml").read_text())
+    return raw["variant"], raw
+
+
+def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str]):
+    """The agent's update on the episodes of every family but ``family`` (bootstrap
+    resample under ``seed``); returns the PolicyNet."""
+    from rlhpo.actions import noop_of
+    from rlhpo.agents import load_settings
+    from rlhpo.agents.vine import labelled_states, new_policy, set_obs_norm, update
+    from rlhpo.knobs import KNOBS
+
+    s = load_settings("vine", overrides=overrides)
+    pool = [e for e in episodes if e["family"] != family]
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(len(pool), size=len(pool))
+    sample = [dict(pool[i], index=j) for j, i in enumerate(pick)]
+    obs, adv = labelled_states(sample)
+    noop = noop_of(KNOBS)
+    net = new_policy(obs.shape[1], (5, 3, 3), noop, s, seed)
+    set_obs_norm(net, obs)
+    update(net, obs, adv, 0, noop[0], s)
+    net.eval()
+    return net
+
+
+class _NetPolicy:
+    def __init__(self, state, arch):
+        from rlhpo.agents.vine import _net_from
+
+        self.net = _net_from(arch, state)
+
+    def act(self, obs):
+        return self.net.act(obs)
+
+
+def _rerun(job):
+    variant, fold, tseed, task, eseed, kind, payload = job
+    if kind == "rule":
+        from rlhpo.baselines.rescue import rescue_rule
+
+        pol = rescue_rule(**payload)
+    else:
+        pol = _NetPolicy(*payload)
+    r = run_episode(task, eseed, pol)
+    return _row(variant, fold, tseed, task, eseed, r["final"], r["moves"], r["fracs"], r["seconds"])
+
+
+def _row(variant, fold, tseed, task, eseed, final, moves, fracs, seconds):
+    return {
+        "variant": variant,
+        "fold": fold,
+        "train_seed": tseed,
+        "task": task,
+        "eval_seed": eseed,
+        "final": round(final, 5),
+        "moved": int(bool(moves)),
+        "moves": " ".join(map(str, moves)),
+        "move_fracs": " ".join(map(str, fracs)),
+        "seconds": seconds,
+    }
+
+
+def evaluate(branches: Path, jobs: int) -> None:
+    from rlhpo.agents.vine import read_branches
+    from rlhpo.tasks import load_suite
+
+    OUT.mkdir(exist_ok=True)
+    suite = load_suite("default")
+    folds = {f.family: [s.name for s in f.val] for f in suite.folds()}
+    prior_path = OUT / "prior_runs.jsonl"
+    prior = {}
+    if prior_path.is_file():
+        for line in prior_path.read_text().splitlines():
+            r = json.loads(line)
+            prior[(r["task"], r["seed"])] = r
+    todo = [(t, s) for ts in folds.values() for t in ts for s in EVAL_SEEDS if (t, s) not in prior]
+    with ProcessPoolExecutor(jobs) as ex, prior_path.open("a") as f:
+        for r in ex.map(run_episode, [t for t, _ in todo], [s for _, s in todo]):
+            f.write(json.dumps(r) + "\n")
+            prior[(r["task"], r["seed"])] = r
+            print(f"prior {r['task']} seed {r['seed']}: {r['final']:.3f}", flush=True)
+
+    episodes = read_branches(branches)
+    variants, _ = load_variants()
+    rows, reruns = [], []
+    for v in variants:
+        for fam, tasks in folds.items():
+            seeds = [0] if v["kind"] in ("prior", "rule") else v["train_seeds"]
+            for tseed in seeds:
+                if v["kind"] == "prior":
+                    pol = None
+                elif v["kind"] == "rule":
+                    from rlhpo.baselines.rescue import rescue_rule
+
+                    pol = rescue_rule(**v.get("rule", {}))
+                else:
+                    pol = fit(episodes, fam, tseed, v.get("set", []))
+                for t in tasks:
+                    for es in EVAL_SEEDS:
+                        p = prior[(t, es)]
+                        first = None
+                        if pol is not None:
+                            acts = np.array([pol.act(o) for o in np.asarray(p["obs"], np.float32)])
+                            moved = np.flatnonzero((acts != np.array([2, 1, 1])).any(1))
+                            first = int(moved[0]) if moved.size else None
+                        if first is None:
+                            rows.append(_row(v["name"], fam, tseed, t, es, p["final"], [], [], 0.0))
+                        else:
+                            payload = (
+                                v.get("rule", {})
+                                if v["kind"] == "rule"
+                                else (
+                                    {k: x.numpy() for k, x in pol.state_dict().items()},
+                                    pol.architecture(),
+                                )
+                            )
+                            reruns.append(
+                                (
+                                    v["name"],
+                                    fam,
+                                    tseed,
+                                    t,
+                                    es,
+                                    "rule" if v["kind"] == "rule" else "net",
+                                    payload,
+                                )
+                            )
+    print(f"{len(rows)} runs equal the prior's; {len(reruns)} to run again", flush=True)
+    with ProcessPoolExecutor(jobs) as ex:
+        for i, r in enumerate(ex.map(_rerun, reruns)):
+            rows.append(r)
+            if i % 10 == 0:
+                print(f"rerun {i + 1}/{len(reruns)}", flush=True)
+    with (OUT / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(
+            sorted(
+                rows,
+                key=lambda r: (r["variant"], r["fold"], r["train_seed"], r["task"], r["eval_seed"]),
+            )
+        )
+
+
+# ------------------------------------------------------------------------------ report
+def report() -> str:
+    rows = list(csv.DictReader((OUT / "results.csv").open()))
+    variants, raw = load_variants()
+    folds = sorted({r["fold"] for r in rows})
+    # variant -> seed -> fold -> mean final
+    cell: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in rows:
+        cell[r["variant"]][int(r["train_seed"])][r["fold"]].append(float(r["final"]))
+    prior = {f: statistics.fmean(cell["prior"][0][f]) for f in folds}
+    lines = [
+        "| variant | train seed | " + " | ".join(folds) + " | mean | Δ prior | worst fold "
+        "Δ | runs moved |",
+        "|" + "---|" * (len(folds) + 6),
+    ]
+    summary = {}
+    for v in variants:
+        name = v["name"]
+        per_seed = {}
+        for seed, byfold in sorted(cell[name].items()):
+            means = {f: statistics.fmean(byfold[f]) for f in folds}
+            per_seed[seed] = means
+        overall = {s: statistics.fmean(m.values()) for s, m in per_seed.items()}
+        order = sorted(overall, key=overall.get)
+        median_seed = order[len(order) // 2]
+        for seed, means in per_seed.items():
+            moved = [
+                int(r["moved"])
+                for r in rows
+                if r["variant"] == name and int(r["train_seed"]) == seed
+            ]
+            worst = min(means[f] - prior[f] for f in folds)
+            tag = " (median)" if seed == median_seed and len(per_seed) > 1 else ""
+            lines.append(
+                f"| {name} | {seed}{tag} | "
+                + " | ".join(f"{means[f]:.3f}" for f in folds)
+                + f" | {overall[seed]:.3f} | "
+                f"{overall[seed] - statistics.fmean(prior.values()):+.3f} | "
+                f"{worst:+.3f} | {sum(moved)}/{len(moved)} |"
+            )
+        m = per_seed[median_seed]
+        summary[name] = {
+            "mean": overall[median_seed],
+            "worst": min(m[f] - prior[f] for f in folds),
+            "kind": v["kind"],
+        }
+    best_prior = statistics.fmean(prior.values())
+    qual = {n: s for n, s in summary.items() if s["kind"] != "vine" or s["worst"] >= -0.01}
+    top = max(s["mean"] for s in qual.values())
+    tied = [n for n, s in qual.items() if s["mean"] >= top - 0.005]
+    rank = {"prior": 0, "rule": 1, "vine": 2}
+    pick = min(tied, key=lambda n: (rank[summary[n]["kind"]], -summary[n]["mean"]))
+    sel = (
+        f"Prior mean {best_prior:.3f}. Median-seed means: "
+        + ", ".join(
+            f"{n} {s['mean']:.3f} (worst fold {s['worst']:+.3f})" for n, s in summary.items()
+        )
+        + f". Qualifying: {', '.join(qual)}. Within 0.005 of the best ({top:.3f}): "
+        f"{', '.join(tied)}. **Pick: {pick}.**"
+    )
+    # Decision distribution of every variant that moves, per family.
+    dist = [
+        "| variant | family | decisions off keep (runs moved) | lr moves (x1/4, x1/2, x2, "
+        "x4) | budget fraction of the moves (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for v in variants:
+        if v["kind"] == "prior":
+            continue
+        for f in folds:
+            rs = [r for r in rows if r["variant"] == v["name"] and r["fold"] == f]
+            mv = [int(m) for r in rs for m in r["moves"].split()]
+            fr = [float(x) for r in rs for x in r["move_fracs"].split()]
+            counts = [mv.count(i) for i in (0, 1, 3, 4)]
+            dist.append(
+                f"| {v['name']} | {f} | {len(mv)} ({sum(int(r['moved']) for r in rs)}/"
+                f"{len(rs)} runs) | {counts} | "
+                f"{statistics.median(fr) if fr else float('nan'):.2f} |"
+            )
+    text = (
+        "# Leave-one-family-out validation of the vine policy (issue #22)\n\n"
+        "`python experiments/transfer/vine_lofo.py --branches runs/vine-s0/branches.jsonl "
+        "--jobs 2` (the branch data of `rlhpo train --agent vine --seed 0`). Each cell: the "
+        "final normalised validation score on the fold family's train-split instances (eval "
+        "seeds 0-2, start default, full budget, no lr factor), mean over tasks x seeds. A "
+        "vine fold policy is fitted on the other families' branch episodes only (bootstrap "
+        "resample = training seed). The test split is not used. `runs moved`: runs in which "
+        'the policy left "keep" at least once (the others equal the prior\'s run exactly).\n\n'
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, 1 torch thread per process."
+        "\n\n"
+        + "\n".join(lines)
+        + "\n\n## Selection (the rule in `vine_variants.toml`)\n\n"
+        + sel
+        + '\n\n## Decisions off "keep", per held-out family\n\n'
+        + "\n".join(dist)
+        + "\n\n## Variants\n\n"
+        + "\n".join(f"- **{v['name']}**: {v['change']}" for v in variants)
+        + "\n"
+    )
+    (HERE / "vine_lofo.md").write_text(text)
+    (OUT / "selection.json").write_text(
+        json.dumps({"pick": pick, "summary": summary}, indent=1) + "\n"
+    )
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--branches", type=Path)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--report", action="store_true")
+    a = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if not a.report:
+        if a.branches is None:
+            raise SystemExit("--branches PATH (a vine run's branches.jsonl) is needed")
+        evaluate(a.branches, a.jobs)
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
