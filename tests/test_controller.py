@@ -52,6 +52,7 @@ def forced_policy(path, lr=3, batch=2, dropout=2):
         ("friedman-mlp", 1, 1, "guard"),
         ("digits-mlp", 3, 2, "residual"),
         ("friedman-mlp", 1, 2, "residual"),
+        ("digits-mlp", 3, 3, "residual"),
     ],
 )
 def test_controller_observations_equal_env(tmp_path, task, seed, obs_version, mode):
@@ -105,7 +106,7 @@ def test_controller_observations_equal_env(tmp_path, task, seed, obs_version, mo
         st = tr.train(min(spec.interval_samples, spec.budget_samples - tr.samples_seen))
         ev = tr.evaluate()
         # v2 reads the per-batch losses: half the intervals report them one by one.
-        if obs_version == 2 and ctl.interval % 2:
+        if obs_version >= 2 and ctl.interval % 2:
             for lv in st.batch_losses:
                 ctl.observe_loss(lv)
             batch_losses = None
@@ -119,7 +120,7 @@ def test_controller_observations_equal_env(tmp_path, task, seed, obs_version, mo
             batch_losses=batch_losses,
         )
         np.testing.assert_allclose(d.observation, obs, rtol=0, atol=1e-6)
-        if obs_version == 2 and len(st.batch_losses) >= 3:
+        if obs_version >= 2 and len(st.batch_losses) >= 3:
             assert d.observation[19] != 0 and d.observation[20] > 0  # slope and noise seen
             trends += 1
         assert ctl.history.last.hp == info["hp"]  # the hp the interval was trained with

@@ -166,13 +166,13 @@ def _row(variant, fold, tseed, task, eseed, final, moves, fracs, seconds):
     }
 
 
-def evaluate(branches: Path, jobs: int) -> None:
+def evaluate(branches: Path | None, jobs: int) -> None:
     from rlhpo.agents.vine import read_branches
     from rlhpo.tasks import load_suite
 
     OUT.mkdir(exist_ok=True)
     suite = load_suite("default")
-    folds = {f.family: [s.name for s in f.val] for f in suite.folds()}
+    folds = {f.family: list(f.val) for f in suite.folds()}
     prior_path = OUT / "prior_runs.jsonl"
     prior = {}
     if prior_path.is_file():
@@ -185,7 +185,8 @@ def evaluate(branches: Path, jobs: int) -> None:
             f.write(json.dumps(r) + "\n")
             prior[(r["task"], r["seed"])] = r
             print(f"prior {r['task']} seed {r['seed']}: {r['final']:.3f}", flush=True)
-
+    if branches is None:
+        return
     episodes = read_branches(branches)
     variants, _ = load_variants()
     rows, reruns = [], []
@@ -348,10 +349,62 @@ def report() -> str:
         + "\n"
     )
     (HERE / "vine_lofo.md").write_text(text)
+    plot_decisions(rows, [v["name"] for v in variants if v["kind"] != "prior"], folds)
     (OUT / "selection.json").write_text(
         json.dumps({"pick": pick, "summary": summary}, indent=1) + "\n"
     )
     return text
+
+
+def plot_decisions(rows: list[dict], names: list[str], folds: list[str]) -> Path:
+    """Where each variant leaves "keep": runs moved per held-out family, and the budget
+    fraction and direction of every move."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(len(names), 1)
+    for j, n in enumerate(names):
+        share = []
+        for f in folds:
+            rs = [r for r in rows if r["variant"] == n and r["fold"] == f]
+            share.append(sum(int(r["moved"]) for r in rs) / max(len(rs), 1))
+        ax1.bar(np.arange(len(folds)) + j * width, share, width, label=n)
+        down = [
+            float(x)
+            for r in rows
+            if r["variant"] == n
+            for m, x in zip(r["moves"].split(), r["move_fracs"].split(), strict=True)
+            if int(m) < 2
+        ]
+        up = [
+            float(x)
+            for r in rows
+            if r["variant"] == n
+            for m, x in zip(r["moves"].split(), r["move_fracs"].split(), strict=True)
+            if int(m) > 2
+        ]
+        ax2.hist(
+            [down, up],
+            bins=np.linspace(0, 1, 21),
+            histtype="step",
+            label=[f"{n}: lr down", f"{n}: lr up"],
+        )
+    ax1.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, folds, rotation=30)
+    ax1.set_ylabel("share of runs that left keep")
+    ax1.set_title("held-out family (train-split instances, 3 seeds)")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("budget fraction at the decision")
+    ax2.set_ylabel("decisions off keep (all folds, seeds)")
+    ax2.set_title("when and which way they move")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    path = HERE / "vine_decisions.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -359,8 +412,11 @@ def main() -> None:
     ap.add_argument("--branches", type=Path)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--prior-only", action="store_true", help="only the prior's runs")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.prior_only:
+        return evaluate(None, a.jobs)
     if not a.report:
         if a.branches is None:
             raise SystemExit("--branches PATH (a vine run's branches.jsonl) is needed")
