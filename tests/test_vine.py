@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from rlhpo.agents import load_settings
 from rlhpo.agents.vine import (
     BRANCHES,
+    Curriculum,
     VineSettings,
     draw_episode,
     load_curriculum,
@@ -38,7 +39,7 @@ def test_the_update_moves_where_a_move_pays_and_keeps_where_moves_are_noise():
     obs = np.concatenate([stuck, fine])
     adv = np.concatenate([adv_stuck, adv_fine]).astype(np.float32)
     assert (net.act(obs)[:, 0] == 2).all()  # starts as the prior
-    stats = update(net, obs, adv, lr_dim=0, keep=2, s=s)
+    stats = update(net, obs, adv, None, lr_dim=0, keep=2, s=s)
     acts = net.act(obs)[:, 0]
     assert (acts[:60] == 0).mean() > 0.9
     assert (acts[60:] == 2).mean() > 0.9
@@ -50,23 +51,38 @@ def test_the_kl_target_stops_a_round_early():
     net = new_policy(4, NVEC, NOOP, s, seed=0)
     obs = np.ones((10, 4), np.float32)
     adv = np.tile(np.array([1.0, 0, 0, 0, 0], np.float32), (10, 1))
-    stats = update(net, obs, adv, lr_dim=0, keep=2, s=s)
+    stats = update(net, obs, adv, None, lr_dim=0, keep=2, s=s)
     assert stats["steps"] < 300 and stats["kl"] > 0.01
 
 
 def test_episodes_are_a_pure_function_of_seed_round_and_index():
     s = VineSettings(uniform_share=0.0)
-    cur = [("a", 4.0, 1.0), ("b", 0.25, 0.0)]
-    draws = [draw_episode(s, 0, 1, i, ["a", "b"], cur) for i in range(20)]
-    assert draws == [draw_episode(s, 0, 1, i, ["a", "b"], cur) for i in range(20)]
-    assert {(d["task"], d["lr_scale"]) for d in draws} == {("a", 4.0)}  # zero regret: never
-    other = [draw_episode(s, 0, 2, i, ["a", "b"], cur) for i in range(20)]
+    cur = Curriculum.build(["a", "b"], (0.25, 4.0), 0.0, [("a", 4.0, 1.0), ("b", 0.25, 0.0)])
+    draws = [draw_episode(s, 0, 1, i, cur) for i in range(20)]
+    assert draws == [draw_episode(s, 0, 1, i, cur) for i in range(20)]
+    # All from the one cell with regret: task a, the factor within the bin around 4
+    # (the grid is 0.25, 4: bins split at their geometric midpoint, 1).
+    assert {d["task"] for d in draws} == {"a"}
+    assert all(1.0 <= d["lr_scale"] <= 4.0 for d in draws)
+    other = [draw_episode(s, 0, 2, i, cur) for i in range(20)]
     assert [d["env_seed"] for d in other] != [d["env_seed"] for d in draws]
-    uni = [
-        draw_episode(VineSettings(uniform_share=1.0), 0, 1, i, ["a", "b"], cur) for i in range(40)
-    ]
-    assert {d["task"] for d in uni} == {"a", "b"}
-    assert all(0.25 <= d["lr_scale"] <= 4.0 for d in uni)
+
+
+def test_importance_weights_give_back_the_target_distribution():
+    rows = [("a", 0.25, 1.0), ("a", 1.0, 0.1), ("b", 4.0, 0.5), ("c", 1.0, 0.0)]
+    cur = Curriculum.build(["a", "b", "c"], (0.25, 4.0), 0.3, rows)
+    rng = np.random.default_rng(0)
+    draws = [cur.draw(rng) for _ in range(40000)]
+    w = np.array([cur.weight(t, c) for t, c in draws])
+    assert w.max() <= 1 / 0.3 + 1e-9
+    share_a = np.mean([t == "a" for t, _ in draws])
+    assert share_a > 0.5  # the curriculum over-samples task a ...
+    for task in "abc":  # ... the weights give each task its uniform third back
+        est = np.mean(w * np.array([t == task for t, _ in draws]))
+        assert est == pytest.approx(1 / 3, abs=0.02)
+    low = np.mean(w * np.array([c < 0.5 for _, c in draws]))  # P(c < 0.5) = 1/4 (log-uniform)
+    assert low == pytest.approx(0.25, abs=0.02)
+    assert Curriculum.build(["a"], (1.0, 1.0), 0.3, rows).weight("a", 1.0) == 1.0
 
 
 def test_the_shipped_curriculum_names_train_tasks_only():

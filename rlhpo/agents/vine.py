@@ -15,10 +15,14 @@ is the price of leaving the prior: a move must beat "keep" by more than the nois
 of a branch to be learned. Round 1 follows the prior ("keep", the tuned schedule),
 so a one-round run learns where a single move away from the prior pays.
 
-Episodes come from a curriculum on the prior's failures: a share drawn uniformly
-(task, and the env's lr factor), the rest drawn in proportion to the prior's
-measured regret per (task, lr factor) (``curriculum``, committed by
-``experiments/transfer/regret.py``).
+Episodes come from a curriculum on the prior's failures (:class:`Curriculum`): a
+share drawn from the target distribution (a task uniformly, the env's lr factor
+log-uniformly), the rest in proportion to the prior's measured regret per (task, lr
+factor) (``curriculum``, committed by ``experiments/transfer/regret.py``). Each state
+carries its episode's importance weight (target over mixture density), so the update
+optimises the target distribution: unweighted, the curriculum's many too-low-lr runs
+taught "raise the lr at once" everywhere (measured on the first collection: every
+move's mean advantage was <= 0 on the uniform draws, x4's +0.06 on the regret draws).
 
 Resumable without pickle: every finished episode (its branched states and
 advantages) is one JSON line of ``branches.jsonl`` and its content depends only on
@@ -62,6 +66,9 @@ class VineSettings(EnvSettings):
     """Episodes collected per round (each with ``branch_points`` branched states)."""
     branch_points: int = 2
     """Decisions branched per episode, drawn among those before ``branch_until``."""
+    branch_from: int = 1
+    """First decision that may be branched (decision 0 sees the untrained model: there
+    is no response to react to yet, only a schedule to memorise)."""
     branch_until: float = 0.5
     """Only decisions before this budget fraction are branched (rescues come early)."""
     move_cost: float = 0.02
@@ -98,6 +105,7 @@ class VineSettings(EnvSettings):
         )
         need(self.branch_points >= 1, "branch_points must be >= 1", self.branch_points)
         need(0 < self.branch_until <= 1, "branch_until must be in (0, 1]", self.branch_until)
+        need(self.branch_from >= 0, "branch_from must be >= 0", self.branch_from)
         need(
             math.isfinite(self.move_cost) and self.move_cost >= 0,
             "move_cost must be a finite number >= 0",
@@ -149,22 +157,74 @@ def load_curriculum(name: str, tasks: list[str]) -> list[tuple[str, float, float
     return [r for r in rows if r[0] in keep]
 
 
-def draw_episode(
-    s: VineSettings, seed: int, rnd: int, index: int, tasks: list[str], curriculum: list
-) -> dict[str, Any]:
-    """The task, lr factor, env seed and branched decisions of one episode: a pure
-    function of (seed, round, index), so a resumed run draws the same episodes."""
+@dataclass(frozen=True)
+class Curriculum:
+    """Where episodes come from: a defensive mixture (Hesterberg 1995).
+
+    A ``uniform_share`` of the episodes is drawn from the target distribution (a task
+    uniformly, the lr factor log-uniformly over ``lr_scale``); the rest from the prior's
+    failures: a (task, lr-factor bin) in proportion to the prior's regret there, the
+    factor log-uniformly within the bin (the bins split ``lr_scale`` at the geometric
+    midpoints of the regret grid). :meth:`weight` is the target density over the
+    mixture's, at most ``1 / uniform_share``: the weighted update optimises the target
+    distribution while the curriculum supplies the failures to learn from.
+    """
+
+    tasks: tuple[str, ...]
+    lo: float
+    hi: float
+    uniform_share: float
+    cells: tuple[tuple[str, float, float, float], ...] = ()
+    """(task, bin low, bin high, probability) of the regret part."""
+
+    @classmethod
+    def build(cls, tasks: list[str], lr_scale, uniform_share: float, rows) -> Curriculum:
+        lo, hi = (float(v) for v in lr_scale)
+        grid = sorted({c for _, c, _ in rows if lo <= c <= hi})
+        if hi <= lo or not grid:
+            return cls(tuple(tasks), lo, hi, 1.0)
+        edges = [lo, *(math.sqrt(a * b) for a, b in zip(grid, grid[1:], strict=False)), hi]
+        cell = {c: (edges[i], edges[i + 1]) for i, c in enumerate(grid)}
+        raw = [(t, *cell[c], r) for t, c, r in rows if c in cell and r > 0 and t in tasks]
+        total = sum(r for *_, r in raw)
+        if total <= 0:
+            return cls(tuple(tasks), lo, hi, 1.0)
+        cells = tuple((t, a, b, r / total) for t, a, b, r in raw)
+        return cls(tuple(tasks), lo, hi, float(uniform_share), cells)
+
+    def draw(self, rng: np.random.Generator) -> tuple[str, float]:
+        """One (task, lr factor) from the mixture."""
+        if self.cells and rng.random() >= self.uniform_share:
+            p = np.array([c[3] for c in self.cells])
+            t, a, b, _ = self.cells[int(rng.choice(len(self.cells), p=p / p.sum()))]
+        else:
+            t, a, b = self.tasks[int(rng.integers(len(self.tasks)))], self.lo, self.hi
+        c = float(math.exp(rng.uniform(math.log(a), math.log(b)))) if b > a else float(a)
+        return t, c
+
+    def weight(self, task: str, c: float) -> float:
+        """Target density over mixture density at (task, lr factor)."""
+        if not self.cells:
+            return 1.0
+        target = 1.0 / (len(self.tasks) * math.log(self.hi / self.lo))
+        regret = sum(
+            p / math.log(b / a)
+            for t, a, b, p in self.cells
+            if t == task and (a <= c < b or (c == b == self.hi))
+        )
+        u = self.uniform_share
+        return target / (u * target + (1 - u) * regret)
+
+
+def draw_episode(s: VineSettings, seed: int, rnd: int, index: int, cur: Curriculum) -> dict:
+    """The task, lr factor, importance weight, env seed and branch-point seed of one
+    episode: a pure function of (seed, round, index), so a resumed run draws the same."""
     rng = np.random.default_rng([seed, rnd, index])
-    weights = np.array([r[2] for r in curriculum], dtype=np.float64)
-    lo, hi = s.lr_scale
-    if curriculum and weights.sum() > 0 and rng.random() >= s.uniform_share:
-        task, c, _ = curriculum[int(rng.choice(len(curriculum), p=weights / weights.sum()))]
-    else:
-        task = tasks[int(rng.integers(len(tasks)))]
-        c = float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
+    task, c = cur.draw(rng)
     return {
         "task": task,
-        "lr_scale": float(c),
+        "lr_scale": c,
+        "weight": cur.weight(task, c),
         "env_seed": int(rng.integers(2**31 - 1)),
         "pick": int(rng.integers(2**31 - 1)),
     }
@@ -202,9 +262,10 @@ def collect_episode(
         seed=job["env_seed"], options={"task": job["task"], "lr_scale": job["lr_scale"]}
     )
     intervals = env.spec_task.intervals
-    last = max(1, min(intervals, int(s.branch_until * intervals)))
+    last = min(intervals, max(int(s.branch_until * intervals), s.branch_from + 1))
     rng = np.random.default_rng(job["pick"])
-    points = set(rng.choice(last, size=min(s.branch_points, last), replace=False).tolist())
+    where = np.arange(s.branch_from, last)
+    points = set(rng.choice(where, size=min(s.branch_points, where.size), replace=False).tolist())
     lr_dim = env.codec.knobs.index(LR.name)
     n_lr = env.codec.nvec[lr_dim]
     noop = np.asarray(env.codec.noop)
@@ -278,22 +339,36 @@ def _net_from(arch: dict[str, Any], state: dict | None) -> PolicyNet:
     return net
 
 
-def labelled_states(episodes: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Observations and per-move advantages of every branched state, in (round,
-    episode) order whatever order they were collected in."""
+def labelled_states(episodes: list[dict[str, Any]]) -> tuple[np.ndarray, ...]:
+    """Observations, per-move advantages and importance weights of every branched
+    state, in (round, episode) order whatever order they were collected in."""
     episodes = sorted(episodes, key=lambda ep: (ep["round"], ep["index"]))
     obs = [st["obs"] for ep in episodes for st in ep["states"]]
     adv = [st["adv"] for ep in episodes for st in ep["states"]]
-    return np.asarray(obs, dtype=np.float32), np.asarray(adv, dtype=np.float32)
+    w = [ep["weight"] for ep in episodes for _ in ep["states"]]
+    return (
+        np.asarray(obs, dtype=np.float32),
+        np.asarray(adv, dtype=np.float32),
+        np.asarray(w, dtype=np.float32),
+    )
 
 
 def update(
-    net: PolicyNet, obs: np.ndarray, adv: np.ndarray, lr_dim: int, keep: int, s: VineSettings
+    net: PolicyNet,
+    obs: np.ndarray,
+    adv: np.ndarray,
+    weight: np.ndarray | None,
+    lr_dim: int,
+    keep: int,
+    s: VineSettings,
 ) -> dict[str, float]:
-    """One round's update of the lr head on the branched states (see the module doc)."""
+    """One round's update of the lr head on the branched states (see the module doc),
+    each state weighted by its episode's importance weight (None: all 1)."""
     if len(obs) == 0:
         return {"states": 0, "steps": 0, "kl": 0.0, "objective": 0.0}
     x = torch.as_tensor(obs)
+    w = torch.ones(len(obs)) if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    w = w / w.sum()
     a = torch.as_tensor(adv) - s.move_cost
     a[:, keep] = torch.as_tensor(adv)[:, keep]  # keep's own advantage is 0 by construction
     with torch.no_grad():
@@ -304,8 +379,8 @@ def update(
     while steps < s.update_steps:  # full batch: nothing random, the same data gives the same net
         steps += 1
         logp = torch.log_softmax(net.split_logits(net(x))[lr_dim], -1)
-        gain = (logp.exp() * a).sum(-1).mean()
-        kl = (old.exp() * (old - logp)).sum(-1).mean()
+        gain = ((logp.exp() * a).sum(-1) * w).sum()
+        kl = ((old.exp() * (old - logp)).sum(-1) * w).sum()
         loss = -gain + s.kl_coef * kl
         opt.zero_grad()
         loss.backward()
@@ -315,7 +390,7 @@ def update(
     with torch.no_grad():
         p = torch.softmax(net.split_logits(net(x))[lr_dim], -1)
         moves = float((p.argmax(-1) != keep).float().mean())
-        gain = float((p * a).sum(-1).mean())
+        gain = float(((p * a).sum(-1) * w).sum())
     return {
         "states": len(obs),
         "steps": steps,
@@ -406,7 +481,7 @@ def train_vine(
     ]
     if not tasks:
         raise ValueError(f"no train task is left after excluding {list(exclude_families)}")
-    curriculum = load_curriculum(s.curriculum, tasks)
+    cur = Curriculum.build(tasks, s.lr_scale, s.uniform_share, load_curriculum(s.curriculum, tasks))
     codec_nvec = tuple(int(n) for n in probe.action_space.nvec)
     noop = noop_of(probe.knobs)
     lr_dim = order_knobs(probe.knobs).index(LR.name)
@@ -469,7 +544,7 @@ def train_vine(
                     None if rnd == 1 else {k: v.numpy() for k, v in net.state_dict().items()}
                 )
                 jobs = [
-                    {"round": rnd, "index": i, **draw_episode(s, seed, rnd, i, tasks, curriculum)}
+                    {"round": rnd, "index": i, **draw_episode(s, seed, rnd, i, cur)}
                     for i in range(s.episodes_per_round)
                     if i not in have
                 ]
@@ -501,10 +576,10 @@ def train_vine(
                                 f"{ep['lr_scale']:.2g}) {wall():.0f} s",
                                 highlight=False,
                             )
-                obs, adv = labelled_states(episodes)
+                obs, adv, w = labelled_states(episodes)
                 if rnd == 1:
                     set_obs_norm(net, obs)
-                stats = update(net, obs, adv, lr_dim, int(noop[lr_dim]), s)
+                stats = update(net, obs, adv, w, lr_dim, int(noop[lr_dim]), s)
                 tracker.log(
                     {
                         "timesteps": total_steps,
@@ -517,7 +592,7 @@ def train_vine(
             if ex is not None:
                 ex.shutdown()
 
-        obs, adv = labelled_states(episodes)
+        obs, adv, _ = labelled_states(episodes)
         best = adv.max(1) if len(adv) else np.zeros(0)
         info = {
             "suite": suite,
