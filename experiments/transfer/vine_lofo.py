@@ -120,11 +120,11 @@ def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str
     rng = np.random.default_rng(seed)
     pick = rng.integers(len(pool), size=len(pool))
     sample = [dict(pool[i], index=j) for j, i in enumerate(pick)]
-    obs, adv = labelled_states(sample)
+    obs, adv, w = labelled_states(sample)
     noop = noop_of(KNOBS)
     net = new_policy(obs.shape[1], (5, 3, 3), noop, s, seed)
     set_obs_norm(net, obs)
-    update(net, obs, adv, 0, noop[0], s)
+    update(net, obs, adv, w, 0, noop[0], s)
     net.eval()
     return net
 
