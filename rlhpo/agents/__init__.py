@@ -36,27 +36,23 @@ def load_settings(agent: str, recipe: str | None = None, overrides: list[str] = 
 
 
 def train(agent: str, settings: Any, out: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Train ``agent``; ``kwargs`` as :func:`rlhpo.agents.ppo.train_ppo` (REINFORCE:
-    ``executor="local"`` only)."""
+    """Train ``agent``; ``kwargs`` as :func:`rlhpo.agents.ppo.train_ppo` (REINFORCE and
+    vine: ``executor="local"`` only)."""
     if agent == "ppo":
         from rlhpo.agents.ppo import train_ppo
 
         return train_ppo(settings, out, **kwargs)
-    if agent == "reinforce":
-        from rlhpo.agents.reinforce import train_reinforce
-
+    if agent in ("reinforce", "vine"):
         executor = kwargs.pop("executor", "local")
         kwargs.pop("address", None)
         if executor != "local":
             raise ValueError(REINFORCE_LOCAL_ONLY.format(executor=executor))
-        return train_reinforce(settings, out, **kwargs)
-    if agent == "vine":
+        if agent == "reinforce":
+            from rlhpo.agents.reinforce import train_reinforce
+
+            return train_reinforce(settings, out, **kwargs)
         from rlhpo.agents.vine import train_vine
 
-        executor = kwargs.pop("executor", "local")
-        kwargs.pop("address", None)
-        if executor != "local":
-            raise ValueError(REINFORCE_LOCAL_ONLY.format(executor=executor))
         return train_vine(settings, out, **kwargs)
     raise ValueError(f"agent must be one of {AGENTS}, got {agent!r}")
 
