@@ -47,3 +47,26 @@ def test_rescue_is_a_compare_method_with_checked_options():
         parse_method("rescue?after=1.5")
     with pytest.raises(ValueError, match="unknown option"):
         parse_method("rescue?bogus=1")
+
+
+def test_policy_cells_count_the_decisions_that_left_keep(tmp_path):
+    import json
+
+    import torch
+
+    from rlhpo.compare.runner import run_comparison
+    from rlhpo.policy import PolicyNet, save_policy
+    from tests.test_compare import _config, _rows
+
+    net = PolicyNet()
+    with torch.no_grad():  # lr x1/2 at every decision, nothing else
+        net.action_net.weight.zero_()
+        net.action_net.bias.copy_(torch.tensor([0, 9.0, 0, 0, 0, 0, 9.0, 0, 0, 9.0, 0]))
+    pol = save_policy(tmp_path / "halve", net, suite="tiny", agent="test")
+    out = tmp_path / "cmp"
+    cfg = _config(out, f"policy:{pol},rescue", tasks=["bc-mlp"], seeds=[0], starts=["default"])
+    assert run_comparison(cfg, show_progress=False).failed == []
+    detail = {r["method"]: json.loads(r["detail"]) for r in _rows(out / "results.csv")}
+    halve = detail["policy:halve"]
+    assert halve["moves"] == halve["decisions"] == 4
+    assert detail["rescue"]["decisions"] == 4 and detail["rescue"]["moves"] == 0

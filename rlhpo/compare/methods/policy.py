@@ -128,9 +128,12 @@ class PolicyMethod(Method):
         t0 = time.perf_counter()
         obs, info = env.reset(seed=cell.seed, options={"task": spec.name, "hp": hp})
         trace = [_env_row(info, t0)]
-        done, collapses = False, 0
+        done, collapses, moves, decisions = False, 0, 0, 0
         while not done:
-            obs, _, term, trunc, info = env.step(policy.act(obs))
+            action = policy.act(obs)
+            moves += tuple(int(v) for v in action) != tuple(env.codec.noop)
+            decisions += 1
+            obs, _, term, trunc, info = env.step(action)
             trace.append(_env_row(info, t0))
             collapses += "collapse" in info
             done = term or trunc
@@ -153,7 +156,8 @@ class PolicyMethod(Method):
             intervals=info["interval"],
             trace=trace,
         )
-        return CellRun(out, detail={"guard": guard, "collapses": collapses})
+        detail = {"guard": guard, "collapses": collapses, "moves": moves, "decisions": decisions}
+        return CellRun(out, detail=detail)
 
 
 def _env_row(info: dict[str, Any], t0: float) -> dict[str, Any]:
