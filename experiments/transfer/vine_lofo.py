@@ -5,8 +5,7 @@ Round 1 of the vine agent follows the prior ("keep") on every branch, so its bra
 data does not depend on the policy being learned: one collection over all train
 families (``rlhpo train --agent vine``, its ``branches.jsonl``) serves every fold. A
 fold's policy is fitted by the agent's own update on the episodes of the *other*
-families only (a bootstrap resample per training seed, and the seed's network
-initialisation), and evaluated on the held-out family's train-split instances at the
+families only, and evaluated on the held-out family's train-split instances at the
 full budget (eval seeds 0-2, start default, no lr factor): final normalised
 *validation* score. The suite's test split is never touched.
 
@@ -14,7 +13,8 @@ Exact and cheap: the env is deterministic under a seed, so a policy's run equals
 prior's up to the first decision where it leaves "keep". Each policy is first read on
 the prior's recorded observations; only runs it would change are trained again.
 
-    python experiments/transfer/vine_lofo.py --branches runs/vine-s0/branches.jsonl --jobs 2
+    python experiments/transfer/vine_lofo.py --jobs 2 --branches \
+        runs/vine-s0/branches.jsonl runs/vine-s1/branches.jsonl runs/vine-s2/branches.jsonl
     python experiments/transfer/vine_lofo.py --report     # rewrite vine_lofo.md only
 
 The selection rule is in ``vine_variants.toml``, committed before any test-split run.
@@ -107,9 +107,9 @@ def load_variants() -> tuple[list[dict], dict]:
     return raw["variant"], raw
 
 
-def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str]):
-    """The agent's update on the episodes of every family but ``family`` (bootstrap
-    resample under ``seed``); returns the PolicyNet."""
+def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str], bootstrap: bool):
+    """The agent's update on the episodes of every family but ``family`` (a bootstrap
+    resample under ``seed`` when ``bootstrap``); returns the PolicyNet."""
     from rlhpo.actions import noop_of
     from rlhpo.agents import load_settings
     from rlhpo.agents.vine import labelled_states, new_policy, set_obs_norm, update
@@ -117,10 +117,10 @@ def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str
 
     s = load_settings("vine", overrides=overrides)
     pool = [e for e in episodes if e["family"] != family]
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(len(pool), size=len(pool))
-    sample = [dict(pool[i], index=j) for j, i in enumerate(pick)]
-    obs, adv, w = labelled_states(sample)
+    if bootstrap:
+        pick = np.random.default_rng(seed).integers(len(pool), size=len(pool))
+        pool = [dict(pool[i], index=j) for j, i in enumerate(pick)]
+    obs, adv, w = labelled_states(pool)
     noop = noop_of(KNOBS)
     net = new_policy(obs.shape[1], (5, 3, 3), noop, s, seed)
     set_obs_norm(net, obs)
@@ -166,7 +166,7 @@ def _row(variant, fold, tseed, task, eseed, final, moves, fracs, seconds):
     }
 
 
-def evaluate(branches: Path | None, jobs: int) -> None:
+def evaluate(branches: list[Path] | None, jobs: int) -> None:
     from rlhpo.agents.vine import read_branches
     from rlhpo.tasks import load_suite
 
@@ -187,7 +187,12 @@ def evaluate(branches: Path | None, jobs: int) -> None:
             print(f"prior {r['task']} seed {r['seed']}: {r['final']:.3f}", flush=True)
     if branches is None:
         return
-    episodes = read_branches(branches)
+    # One collection per training seed (``rlhpo train --agent vine --seed K``), in order.
+    collections = []
+    for k, path in enumerate(branches):
+        eps = read_branches(path)
+        collections.append([dict(e, index=(k, e["index"])) for e in eps])
+    pooled = [e for c in collections for e in c]
     variants, _ = load_variants()
     rows, reruns = [], []
     for v in variants:
@@ -200,8 +205,10 @@ def evaluate(branches: Path | None, jobs: int) -> None:
                     from rlhpo.baselines.rescue import rescue_rule
 
                     pol = rescue_rule(**v.get("rule", {}))
-                else:
-                    pol = fit(episodes, fam, tseed, v.get("set", []))
+                elif v["data"] == "own":  # the training seed's own collection
+                    pol = fit(collections[tseed], fam, tseed, v.get("set", []), False)
+                else:  # every collection, resampled per training seed
+                    pol = fit(pooled, fam, tseed, v.get("set", []), True)
                 for t in tasks:
                     for es in EVAL_SEEDS:
                         p = prior[(t, es)]
@@ -330,12 +337,15 @@ def report() -> str:
             )
     text = (
         "# Leave-one-family-out validation of the vine policy (issue #22)\n\n"
-        "`python experiments/transfer/vine_lofo.py --branches runs/vine-s0/branches.jsonl "
-        "--jobs 2` (the branch data of `rlhpo train --agent vine --seed 0`). Each cell: the "
+        "`python experiments/transfer/vine_lofo.py --jobs 2 --branches runs/vine-s{0,1,2}/"
+        "branches.jsonl` (the branch data of `rlhpo train --agent vine --seed K`, K = 0, 1, "
+        "2). Each cell: the "
         "final normalised validation score on the fold family's train-split instances (eval "
         "seeds 0-2, start default, full budget, no lr factor), mean over tasks x seeds. A "
-        "vine fold policy is fitted on the other families' branch episodes only (bootstrap "
-        "resample = training seed). The test split is not used. `runs moved`: runs in which "
+        "vine fold policy is fitted on the other families' branch episodes only: a `data = "
+        "own` variant's training seed K uses collection K (its own seed's run), a `data = "
+        "pool` variant's uses all three collections, bootstrap-resampled under K. The test "
+        "split is not used. `runs moved`: runs in which "
         'the policy left "keep" at least once (the others equal the prior\'s run exactly).\n\n'
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, 1 torch thread per process."
         "\n\n"
@@ -409,7 +419,12 @@ def plot_decisions(rows: list[dict], names: list[str], folds: list[str]) -> Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--branches", type=Path)
+    ap.add_argument(
+        "--branches",
+        type=Path,
+        nargs="+",
+        help="branches.jsonl of the vine runs with seeds 0, 1, 2, in that order",
+    )
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--prior-only", action="store_true", help="only the prior's runs")
