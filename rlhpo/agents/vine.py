@@ -444,7 +444,6 @@ def train_vine(
     show_progress: bool = True,
     console=None,
     command: str | None = None,
-    exclude_families: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train; stop after ``rounds`` rounds or the round in which ``timesteps`` env steps
     (main runs and branches) were reached; save ``out/policy``."""
@@ -460,7 +459,6 @@ def train_vine(
             raise ValueError(f"{out}: checkpoint is for agent {meta.get('agent')!r}, not vine")
         settings = build_settings(VineSettings, meta["settings"])
         seed, suite = int(meta["seed"]), str(meta["suite"])
-        exclude_families = tuple(meta.get("exclude_families", ()))
         done_rounds, wall_before = int(meta["rounds_done"]), float(meta["wall_time"])
         resumes = int(meta.get("resumes", 0)) + 1
         state = {k[7:]: v for k, v in tensors.items() if k.startswith("policy/")}
@@ -474,13 +472,7 @@ def train_vine(
         )
     config = EnvConfig.of(s.env_config(suite), timing=False).with_suite_loaded()
     probe = HPOEnv(config)
-    tasks = [
-        t
-        for t, spec in probe.tasks.items()
-        if (spec.family or spec.model) not in set(exclude_families)
-    ]
-    if not tasks:
-        raise ValueError(f"no train task is left after excluding {list(exclude_families)}")
+    tasks = list(probe.tasks)
     cur = Curriculum.build(tasks, s.lr_scale, s.uniform_share, load_curriculum(s.curriculum, tasks))
     codec_nvec = tuple(int(n) for n in probe.action_space.nvec)
     noop = noop_of(probe.knobs)
@@ -495,7 +487,6 @@ def train_vine(
         "suite": suite,
         "seed": seed,
         "timesteps": timesteps,
-        "exclude_families": list(exclude_families),
         **settings_dict(s),
     }
     tracker = Tracker(
@@ -520,7 +511,6 @@ def train_vine(
                 "settings": settings_dict(s),
                 "seed": seed,
                 "suite": suite,
-                "exclude_families": list(exclude_families),
                 "rounds_done": rounds_done,
                 "wall_time": wall(),
                 "resumes": resumes,
@@ -597,8 +587,7 @@ def train_vine(
         info = {
             "suite": suite,
             "split": s.split,
-            "tasks": tasks if (exclude_families or s.tasks) else None,
-            "exclude_families": list(exclude_families),
+            "tasks": list(s.tasks) or None,
             "agent": "vine",
             "timesteps": int(total_steps),
             "episodes": len(episodes),
