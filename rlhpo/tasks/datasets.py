@@ -41,6 +41,15 @@ DATASET_ARGS: dict[str, dict[str, Any]] = {
     "lm_copy": {"n_samples": 3000, "length": 8, "vocab": 12},
     "lm_reverse": {"n_samples": 3000, "length": 8, "vocab": 12},
     "lm_sort": {"n_samples": 3000, "length": 8, "vocab": 12},
+    "latent": {
+        "n_samples": 400,
+        "n_features": 32,
+        "n_latent": 8,
+        "n_classes": 4,
+        "relatedness": 0.7,
+        "noise": 0.1,
+        "generator": 0,
+    },
 }
 # Datasets of token sequences labelled per sequence / per position.
 TOKEN_DATASETS = ("sequences", "parity", "counting")
@@ -63,6 +72,9 @@ DATASET_CAPS: dict[str, int | float] = {
     "noise": 1000.0,
     "class_sep": 100.0,
     "flip_y": 1.0,
+    "n_latent": 64,
+    "relatedness": 1.0,
+    "generator": 2**31 - 1,
 }
 
 
@@ -101,6 +113,11 @@ def check_dataset_args(dataset: str, args: dict[str, Any], where: str) -> None:
         raise SpecError(f"{where}: key 'length' must be >= 2, got {a['length']!r}")
     if dataset == "shapes" and a["size"] < 6:
         raise SpecError(f"{where}: key 'size' must be >= 6, got {a['size']!r}")
+    if dataset == "latent" and a["n_latent"] > a["n_features"]:
+        raise SpecError(
+            f"{where}: key 'n_latent' must be <= n_features, got n_latent={a['n_latent']}, "
+            f"n_features={a['n_features']}"
+        )
     if "n_classes" in a and a["n_classes"] < 2:
         raise SpecError(f"{where}: key 'n_classes' must be >= 2, got {a['n_classes']!r}")
 
@@ -179,6 +196,9 @@ def _build(dataset: str, a: dict[str, Any], seed: int, val_f: float, test_f: flo
             vocab=a["vocab"],
             per_token=True,
         )
+    if dataset == "latent":
+        x, y = _latent(rng, a)
+        return _split(rng, x, y, val_f, test_f, n_classes=a["n_classes"])
     if dataset == "shapes":
         x, y = _shapes(rng, a["n_samples"], a["size"], a["noise"])
         return _split(rng, x, y, val_f, test_f, n_classes=4)
@@ -303,6 +323,33 @@ def _lm_sequences(rng: np.random.Generator, dataset: str, n: int, length: int, v
     # y[:, j] is the token after x[:, j]; the answer starts after SEP at x position length+1.
     y[:, : length + 1] = IGNORE_TARGET
     return x, y
+
+
+def _latent(rng: np.random.Generator, a: dict[str, Any]):
+    """Vectors made from a few latent factors by a fixed non-linear map; the label is
+    the arg-max of a linear readout of the factors.
+
+    Everything that is shared between a source task and its fine-tuning target comes
+    from the ``generator`` seed: the map and the source's readout. A target mixes
+    the source's readout with a new one, ``r W_source + sqrt(1 - r^2) W_new`` at
+    ``relatedness`` r, so r = 1 is the source task itself and r = 0 shares only the
+    map (what a pretrained body has learned to invert). The samples themselves come
+    from ``rng`` (the task's data seed).
+    """
+    g = np.random.default_rng([int(a["generator"]), 0x1A7E])
+    d, k, c = a["n_features"], a["n_latent"], a["n_classes"]
+    # Two random tanh layers at gain 2: far enough from linear that few examples do
+    # not suffice to undo the map from scratch.
+    w1 = g.normal(0.0, 2.0 / np.sqrt(k), size=(k, d))
+    w2 = g.normal(0.0, 2.0 / np.sqrt(d), size=(d, d))
+    # One readout per class count, so that source and target may differ in classes.
+    w_src = np.random.default_rng([int(a["generator"]), 0x5EAD, c]).normal(size=(k, c))
+    w_new = g.normal(0.0, 1.0, size=(k, c))
+    r = float(a["relatedness"])
+    w = r * w_src + np.sqrt(max(0.0, 1.0 - r * r)) * w_new
+    z = rng.normal(0.0, 1.0, size=(int(a["n_samples"]), k))
+    x = np.tanh(np.tanh(z @ w1) @ w2) + a["noise"] * rng.normal(size=(len(z), d))
+    return x, (z @ w).argmax(1)
 
 
 def _shapes(rng: np.random.Generator, n: int, size: int, noise: float):

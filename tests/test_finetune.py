@@ -1,0 +1,237 @@
+"""Fine-tuning tasks (issue 23): the `latent` source/target data, pretrained bodies
+cached on disk, the `finetune` suite, and the default suite left as it was."""
+
+import hashlib
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rlhpo.tasks import SpecError, load_suite, parse_task
+from rlhpo.tasks.datasets import load_data
+from rlhpo.trainees import build_trainee, pretrained
+from rlhpo.trainees.pretrained import (
+    body_config,
+    body_state,
+    cache_dir,
+    cache_key,
+    cached_body,
+    head_name,
+    load_body,
+    pretrain_body,
+)
+
+# The default suite's tasks as they were before the fine-tuning family existed: the
+# lead's experiments are keyed on these names and specs.
+DEFAULT_SUITE_SHA256 = "03190c0b8eebc005933a987105e6712a8ebde33f3587c6dcf69ddf12c7abdf5b"
+DEFAULT_TEST = (
+    "mlp-mnist1d mlp-shapes resmlp-friedman resmlp-shapes cnn1d-digits cnn2d-shapes "
+    "gru-counting gru-mnist1d lstm-parity encoder-counting bert-counting decoder-sort"
+).split()
+
+
+def _task(**over):
+    raw = {
+        "dataset": "latent",
+        "dataset_args": {"n_samples": 200, "relatedness": 0.8},
+        "model": "mlp",
+        "model_args": {"hidden": [16]},
+        "metric": "accuracy",
+        "budget_samples": 200,
+        "intervals": 2,
+        "default": {"lr": 1e-3, "batch_size": 32, "dropout": 0.1},
+        "space": {"lr": [1e-5, 1e-1], "batch_size": [16, 32, 64], "dropout": [0.0, 0.5]},
+        "start": {"lr": [1e-5, 1e-3], "batch_size": [32], "dropout": [0.0, 0.1]},
+        "pretrain": {"samples": 300, "budget_samples": 600, "seed": 3},
+    }
+    raw.update(over)
+    return parse_task("ft", raw)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrained, "_BODIES", {})
+    return tmp_path / "cache"
+
+
+def test_default_suite_instances_and_test_tasks_are_unchanged():
+    s = load_suite("default")
+    blob = json.dumps({n: s.tasks[n].summary() for n in s.train + s.test}, sort_keys=True)
+    assert list(s.test) == DEFAULT_TEST
+    assert hashlib.sha256(blob.encode()).hexdigest() == DEFAULT_SUITE_SHA256
+
+
+def test_finetune_suite_draws_fine_tuning_instances():
+    s = load_suite("finetune")
+    assert len(s.train) == 4 and len(s.test) == 2
+    for n in s.train + s.test:
+        t = s.tasks[n]
+        assert t.dataset == "latent" and t.pretrain["seed"] == s.seed
+        assert 1e-5 <= t.default["lr"] <= 1e-3
+    assert {s.tasks[n].family for n in s.train} == {"finetune"}
+    lrs = {s.tasks[n].default["lr"] for n in s.train}
+    assert len(lrs) == len(s.train)  # the user's lr is drawn per instance
+
+
+def test_source_is_the_target_at_full_relatedness():
+    a = {"n_samples": 300, "relatedness": 1.0}
+    src = load_data("latent", a, data_seed=1)
+    tgt = load_data("latent", {**a, "relatedness": 0.3}, data_seed=1)
+    # Same map and samples, another readout: features equal, labels differ.
+    assert torch.equal(src.x_train, tgt.x_train)
+    assert not torch.equal(src.y_train, tgt.y_train)
+
+
+def test_body_is_pretrained_once_cached_as_safetensors_and_reused(_cache, monkeypatch):
+    spec = _task()
+    body = cached_body(spec)
+    files = list((_cache / "bodies").glob("*.safetensors"))
+    assert [f.stem for f in files] == [cache_key(body_config(spec))]
+    assert not list((_cache / "bodies").glob("*.tmp"))
+    monkeypatch.setattr(pretrained, "_BODIES", {})
+    monkeypatch.setattr(pretrained, "pretrain_body", lambda s: pytest.fail("pretrained again"))
+    again = cached_body(spec)
+    assert all(torch.equal(body[k], again[k]) for k in body)
+
+
+def test_pretraining_is_deterministic_and_depends_on_the_seed():
+    spec = _task()
+    a, b = pretrain_body(spec), pretrain_body(spec)
+    c = pretrain_body(replace(spec, pretrain={**spec.pretrain, "seed": 4}))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert cache_key(body_config(spec)) != cache_key(
+        body_config(replace(spec, pretrain={**spec.pretrain, "seed": 4}))
+    )
+
+
+def test_runs_start_from_the_body_with_a_new_head():
+    spec = _task()
+    body = cached_body(spec)
+    r1, r2 = build_trainee(spec, seed=1), build_trainee(spec, seed=2)
+    head = head_name(r1.model) + "."
+    s1, s2 = r1.model.state_dict(), r2.model.state_dict()
+    for k, v in body.items():
+        assert torch.equal(s1[k], v) and torch.equal(s2[k], v)
+    heads = [k for k in s1 if k.startswith(head)]
+    assert heads and not all(torch.equal(s1[k], s2[k]) for k in heads)
+    r1.train(64)
+    assert r1.samples_seen == 64
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_missing_or_corrupt_body_is_rebuilt_with_a_one_line_warning(_cache, caplog, damage):
+    spec = _task()
+    body = cached_body(spec)
+    path = _cache / "bodies" / f"{cache_key(body_config(spec))}.safetensors"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:50])
+    elif damage == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    else:
+        path.unlink()
+    pretrained._BODIES.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhpo.pretrained"):
+        again = cached_body(spec)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "\n" not in msgs[0] and path.name in msgs[0]
+    assert ("corrupt" in msgs[0]) == (damage != "delete")
+    assert all(torch.equal(body[k], again[k]) for k in body)
+    assert path.is_file()
+
+
+def test_a_body_whose_config_does_not_match_its_key_is_rebuilt(_cache, caplog):
+    spec = _task()
+    cached_body(spec)
+    other = _task(pretrain={"samples": 300, "budget_samples": 600, "seed": 5})
+    cached_body(other)
+    key, other_key = (cache_key(body_config(s)) for s in (spec, other))
+    d = _cache / "bodies"
+    (d / f"{key}.safetensors").write_bytes((d / f"{other_key}.safetensors").read_bytes())
+    pretrained._BODIES.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhpo.pretrained"):
+        cached_body(spec)
+    assert any("does not match" in r.getMessage() for r in caplog.records)
+
+
+def test_a_body_of_other_widths_is_a_one_line_error_naming_both_shapes():
+    spec = _task()
+    body = cached_body(spec)
+    wide = build_trainee(_task(model_args={"hidden": [24]}), seed=0).model
+    with pytest.raises(SpecError) as e:
+        load_body(wide, body, "ft")
+    msg = str(e.value)
+    assert "\n" not in msg and "(16, 32)" in msg and "(24, 32)" in msg
+    deeper = build_trainee(_task(model_args={"hidden": [16, 16]}), seed=0).model
+    with pytest.raises(SpecError, match="does not fit the model: keys missing"):
+        load_body(deeper, body, "ft")
+
+
+@pytest.mark.parametrize(
+    ("pretrain", "needle"),
+    [
+        (
+            {"budget_samples": 10**7},
+            "key 'budget_samples' must be in [1, 400000] (the caps), got 10000000",
+        ),
+        ({"samples": 10**6}, "key 'samples' must be in [100, 20000] (the caps), got 1000000"),
+        ({"lr": 0}, "key 'lr' must be in [1e-06, 1.0] (the caps), got 0.0"),
+        ({"epochs": 3}, "unknown key 'epochs'"),
+        ({"seed": "x"}, "key 'seed' must be int, got 'x'"),
+    ],
+)
+def test_pretraining_beyond_the_caps_is_refused_when_read(pretrain, needle):
+    with pytest.raises(SpecError) as e:
+        _task(pretrain=pretrain)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pretraining_beyond_the_caps_is_refused_before_it_starts(monkeypatch):
+    spec = replace(_task(), pretrain={"samples": 300, "budget_samples": 10**7, "seed": 0})
+    monkeypatch.setattr(pretrained, "load_data", lambda *a, **k: pytest.fail("data built"))
+    with pytest.raises(SpecError, match=r"budget_samples' must be in \[1, 400000\]"):
+        cached_body(spec)
+
+
+def test_pretraining_needs_a_source_task_and_a_body_model():
+    with pytest.raises(SpecError, match="needs a dataset with a source task"):
+        _task(dataset="wine", dataset_args={})
+    with pytest.raises(SpecError, match="pretraining needs model"):
+        _task(model="gru", model_args={})
+
+
+def test_a_family_pretraining_beyond_the_caps_is_refused(tmp_path):
+    text = load_suite("finetune").source and open(load_suite("finetune").source).read()
+    bad = text.replace(
+        "pretrain = { samples = 10000, budget_samples = 200000 }\n\n[tasks.resmlp-finetune-near]",
+        "pretrain = { samples = 10000, budget_samples = [1000, 900000] }\n\n"
+        "[tasks.resmlp-finetune-near]",
+    )
+    assert bad != text
+    p = tmp_path / "bad.toml"
+    p.write_text(bad)
+    with pytest.raises(SpecError, match=r"families.finetune.pretrain'.*900000"):
+        load_suite(p)
+
+
+def test_cache_dir_follows_rlhpo_cache_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLHPO_CACHE", str(tmp_path / "a"))
+    assert cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("RLHPO_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x" / "rlhpo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    assert cache_dir() == tmp_path / "h" / ".cache" / "rlhpo"
+
+
+def test_body_state_leaves_out_the_head_only():
+    model = build_trainee(_task(), seed=0).model
+    state = body_state(model)
+    assert head_name(model) == "net.3"  # Linear, ReLU, Dropout, Linear
+    assert set(state) == {"net.0.weight", "net.0.bias"}
