@@ -32,7 +32,7 @@ DEFAULT_TEST = (
 ).split()
 
 
-def _task(**over):
+def _raw(**over):
     raw = {
         "dataset": "latent",
         "dataset_args": {"n_samples": 200, "relatedness": 0.8},
@@ -47,7 +47,11 @@ def _task(**over):
         "pretrain": {"samples": 300, "budget_samples": 600, "seed": 3},
     }
     raw.update(over)
-    return parse_task("ft", raw)
+    return raw
+
+
+def _task(**over):
+    return parse_task("ft", _raw(**over))
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +70,7 @@ def test_default_suite_instances_and_test_tasks_are_unchanged():
 
 def test_finetune_suite_draws_fine_tuning_instances():
     s = load_suite("finetune")
-    assert len(s.train) == 4 and len(s.test) == 2
+    assert len(s.train) == 4 and len(s.test) == 3
     for n in s.train + s.test:
         t = s.tasks[n]
         assert t.dataset == "latent" and t.pretrain["seed"] == s.seed
@@ -76,13 +80,22 @@ def test_finetune_suite_draws_fine_tuning_instances():
     assert len(lrs) == len(s.train)  # the user's lr is drawn per instance
 
 
-def test_source_is_the_target_at_full_relatedness():
-    a = {"n_samples": 300, "relatedness": 1.0}
+def test_source_and_target_share_the_map_not_the_readout():
+    # margin 0 keeps every sample, so both draw the same latent factors.
+    a = {"n_samples": 300, "relatedness": 1.0, "margin": 0.0}
     src = load_data("latent", a, data_seed=1)
     tgt = load_data("latent", {**a, "relatedness": 0.3}, data_seed=1)
-    # Same map and samples, another readout: features equal, labels differ.
+    other = load_data("latent", {**a, "generator": 5}, data_seed=1)
     assert torch.equal(src.x_train, tgt.x_train)
     assert not torch.equal(src.y_train, tgt.y_train)
+    assert not torch.allclose(src.x_train, other.x_train)
+
+
+def test_latent_samples_keep_clear_of_class_boundaries():
+    d = load_data("latent", {"n_samples": 400, "margin": 1.0}, data_seed=2)
+    assert d.n_train + len(d.y_val) + len(d.y_test) == 400
+    with pytest.raises(SpecError, match="key 'margin' must be <= 3.0"):
+        parse_task("ft", {**_raw(), "dataset_args": {"margin": 5.0}})
 
 
 def test_body_is_pretrained_once_cached_as_safetensors_and_reused(_cache, monkeypatch):

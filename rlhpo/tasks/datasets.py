@@ -47,7 +47,8 @@ DATASET_ARGS: dict[str, dict[str, Any]] = {
         "n_latent": 8,
         "n_classes": 4,
         "relatedness": 0.7,
-        "noise": 0.1,
+        "noise": 0.05,
+        "margin": 0.5,
         "generator": 0,
     },
 }
@@ -56,6 +57,8 @@ TOKEN_DATASETS = ("sequences", "parity", "counting")
 LM_DATASETS = ("lm_copy", "lm_reverse", "lm_sort")
 # Datasets whose features are a square image (what a 2D CNN takes).
 IMAGE_DATASETS = ("digits", "shapes")
+# Hidden width of the random network that maps latent factors to features (`latent`).
+_LATENT_WIDTH = 64
 # Per-position target that the loss and the accuracy skip (CrossEntropyLoss's default).
 IGNORE_TARGET = -100
 # Upper bounds on dataset sizes: a suite asking for more is refused before anything
@@ -74,6 +77,7 @@ DATASET_CAPS: dict[str, int | float] = {
     "flip_y": 1.0,
     "n_latent": 64,
     "relatedness": 1.0,
+    "margin": 3.0,
     "generator": 2**31 - 1,
 }
 
@@ -326,29 +330,43 @@ def _lm_sequences(rng: np.random.Generator, dataset: str, n: int, length: int, v
 
 
 def _latent(rng: np.random.Generator, a: dict[str, Any]):
-    """Vectors made from a few latent factors by a fixed non-linear map; the label is
-    the arg-max of a linear readout of the factors.
+    """Vectors made from a few latent factors by a fixed random ReLU network; the
+    label is the arg-max of a linear readout of the factors.
 
-    Everything that is shared between a source task and its fine-tuning target comes
-    from the ``generator`` seed: the map and the source's readout. A target mixes
-    the source's readout with a new one, ``r W_source + sqrt(1 - r^2) W_new`` at
+    Everything that a source task shares with its fine-tuning targets comes from the
+    ``generator`` seed: the network and the source's readout. A target mixes the
+    source's readout with a new one, ``r W_source + sqrt(1 - r^2) W_new`` at
     ``relatedness`` r, so r = 1 is the source task itself and r = 0 shares only the
-    map (what a pretrained body has learned to invert). The samples themselves come
-    from ``rng`` (the task's data seed).
+    map (what a pretrained body has learned to undo). Samples closer than ``margin``
+    to a class boundary are redrawn, so that a well-trained model can be right on
+    nearly all of them and the score measures learning, not label noise. The
+    samples come from ``rng`` (the task's data seed).
     """
     g = np.random.default_rng([int(a["generator"]), 0x1A7E])
     d, k, c = a["n_features"], a["n_latent"], a["n_classes"]
-    # Two random tanh layers at gain 2: far enough from linear that few examples do
-    # not suffice to undo the map from scratch.
-    w1 = g.normal(0.0, 2.0 / np.sqrt(k), size=(k, d))
-    w2 = g.normal(0.0, 2.0 / np.sqrt(d), size=(d, d))
-    # One readout per class count, so that source and target may differ in classes.
-    w_src = np.random.default_rng([int(a["generator"]), 0x5EAD, c]).normal(size=(k, c))
+    w1 = g.normal(0.0, np.sqrt(2.0 / k), size=(k, _LATENT_WIDTH))
+    w2 = g.normal(0.0, np.sqrt(2.0 / _LATENT_WIDTH), size=(_LATENT_WIDTH, _LATENT_WIDTH))
+    w3 = g.normal(0.0, np.sqrt(1.0 / _LATENT_WIDTH), size=(_LATENT_WIDTH, d))
+    # Readouts for up to the class cap; a task reads its first n_classes columns,
+    # so a source with more classes than its targets shares theirs.
+    w_src = np.random.default_rng([int(a["generator"]), 0x5EAD]).normal(
+        size=(k, int(DATASET_CAPS["n_classes"]))
+    )[:, :c]
     w_new = g.normal(0.0, 1.0, size=(k, c))
     r = float(a["relatedness"])
     w = r * w_src + np.sqrt(max(0.0, 1.0 - r * r)) * w_new
-    z = rng.normal(0.0, 1.0, size=(int(a["n_samples"]), k))
-    x = np.tanh(np.tanh(z @ w1) @ w2) + a["noise"] * rng.normal(size=(len(z), d))
+    n, kept = int(a["n_samples"]), []
+    for _ in range(100):
+        z = rng.normal(0.0, 1.0, size=(2 * n, k))
+        top = np.sort(z @ w, axis=1)
+        kept.append(z[top[:, -1] - top[:, -2] > a["margin"]])
+        if sum(len(b) for b in kept) >= n:
+            break
+    z = np.concatenate(kept)[:n]
+    if len(z) < n:
+        raise SpecError(f"latent: margin {a['margin']!r} leaves too few samples; lower it")
+    h = np.maximum(np.maximum(z @ w1, 0.0) @ w2, 0.0) @ w3
+    x = h + a["noise"] * h.std() * rng.normal(size=h.shape)
     return x, (z @ w).argmax(1)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhpo.tasks.datasets import DATASET_ARGS, load_data
+from rlhpo.tasks.datasets import DATASET_ARGS, DATASET_CAPS, load_data
 from rlhpo.tasks.models import MODEL_ARGS, build_model
 from rlhpo.tasks.spec import PRETRAIN_DATASETS, SpecError, TaskSpec, check_pretrain
 
@@ -50,10 +50,17 @@ def cache_dir() -> Path:
 
 
 def source_args(spec: TaskSpec) -> dict[str, Any]:
-    """The source task's dataset arguments: the target's, at full relatedness, sized
-    by the pretrain table (noise, map and classes are shared)."""
+    """The source task's dataset arguments: the target's at full relatedness, sized by
+    the pretrain table, with twice the classes (at least 8): a richer source teaches
+    the body more of the map than the target's few classes would."""
     args = {**DATASET_ARGS[spec.dataset], **spec.dataset_args}
-    return {**args, "n_samples": spec.pretrain["samples"], "relatedness": 1.0}
+    classes = min(int(DATASET_CAPS["n_classes"]), max(8, 2 * int(args["n_classes"])))
+    return {
+        **args,
+        "n_samples": spec.pretrain["samples"],
+        "relatedness": 1.0,
+        "n_classes": classes,
+    }
 
 
 def body_config(spec: TaskSpec) -> dict[str, Any]:
