@@ -248,3 +248,81 @@ def test_body_state_leaves_out_the_head_only():
     state = body_state(model)
     assert head_name(model) == "net.3"  # Linear, ReLU, Dropout, Linear
     assert set(state) == {"net.0.weight", "net.0.bias"}
+
+
+TINY_FT_SUITE = """
+name = "tinyft"
+seed = 4
+test = ["held"]
+
+[defaults]
+metric = "accuracy"
+intervals = 4
+default = { lr = 1e-4, batch_size = 32, dropout = 0.1 }
+space = { lr = [1e-5, 1e-1], batch_size = [16, 32, 64], dropout = [0.0, 0.5] }
+start = { lr = [1e-5, 1e-3], batch_size = [32], dropout = [0.0, 0.1] }
+
+[families.ft]
+instances = 2
+model = ["mlp", "cnn1d"]
+datasets = { latent = { n_samples = [150, 250], relatedness = [0.5, 0.9] } }
+width = [8, 16]
+depth = [1, 2]
+budget_samples = [200, 400]
+default = { lr = { log = [1e-5, 1e-3] } }
+pretrain = { samples = 300, budget_samples = [400, 800] }
+
+[tasks.held]
+dataset = "latent"
+dataset_args = { n_samples = 150 }
+model = "resmlp"
+model_args = { width = 16, blocks = 1 }
+budget_samples = 200
+pretrain = { samples = 300, budget_samples = 600 }
+"""
+
+
+def test_a_fine_tuning_family_draws_bodies_seeded_by_the_suite(write_suite):
+    s = load_suite(write_suite(TINY_FT_SUITE))
+    for n in s.train + s.test:
+        assert s.tasks[n].pretrain["seed"] == 4
+    drawn = [s.tasks[n].pretrain["budget_samples"] for n in s.train]
+    assert all(400 <= b <= 800 for b in drawn)
+    again = load_suite(write_suite(TINY_FT_SUITE.replace("seed = 4", "seed = 5"), "s5.toml"))
+    assert {again.tasks[n].pretrain["seed"] for n in again.train} == {5}
+
+
+def test_env_and_compare_run_fine_tuning_tasks_from_the_users_lr(write_suite, tmp_path):
+    import numpy as np
+
+    from rlhpo.actions import ActionCodec
+    from rlhpo.compare.methods import Cell, parse_method
+    from rlhpo.env import HPOEnv
+    from rlhpo.policy import load_policy
+
+    suite = load_suite(write_suite(TINY_FT_SUITE))
+    base = load_policy("default").base_schedule.with_peak("user", 30.0)
+    env = HPOEnv(suite, split="test", base_schedule=base)
+    env.reset(seed=0, options={"start": "default"})
+    assert env.hp["lr"] == pytest.approx(3e-3)  # the task's lr 1e-4 x 30
+    _, _, _, _, info = env.step(np.array(ActionCodec.NOOP))
+    assert 0 < info["lr_in_force"] < 3e-3  # warming up towards it
+    spec = suite.task("held")
+    method = parse_method("policy:default?base_peak=user&peak_factor=30")
+    cell = Cell(method, spec, 0, "default", str(tmp_path), "t", suite_name="tinyft")
+    run = method.run(cell)
+    assert max(r["lr"] for r in run.outcome.trace) <= 3e-3 + 1e-12
+    tuned = parse_method("policy:default").run(cell)
+    assert max(r["lr"] for r in tuned.outcome.trace) > 1e-2  # the from-scratch peak
+
+
+@pytest.mark.slow
+def test_readme_fine_tuning_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "finetune_controller.py"
+    runpy.run_path(str(path), run_name="__main__")
+    out = capsys.readouterr().out
+    for row in ("| static |", "| policy (tuned peak) |", "| policy (user peak x30) |"):
+        assert row in out
