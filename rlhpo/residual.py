@@ -16,10 +16,13 @@ Where the level starts is ``base_peak``'s choice:
   learning rate from the first interval on). Right for training from scratch.
 - ``"user"``: the run's starting learning rate x ``peak_factor``. The user's lr
   then carries information: a fine-tuning run started at 3e-5 peaks near 3e-5,
-  where a tuned from-scratch peak (Adam 0.02) would wreck a pretrained body. One implementation serves the
-environment (:class:`rlhpo.env.HPOEnv`) and the :class:`rlhpo.controller.Controller`,
-and the policy file records the schedule (kind and peaks), so a policy always runs
-over the schedule it was trained with.
+  where a tuned from-scratch peak (Adam 0.02) would wreck a pretrained body.
+
+One implementation (:meth:`BaseSchedule.start_level`, :meth:`BaseSchedule.lr`) serves
+the environment (:class:`rlhpo.env.HPOEnv`) and the
+:class:`rlhpo.controller.Controller`, and the policy file records the schedule (kind,
+peaks, base_peak and peak_factor), so a policy always runs over the schedule it was
+trained with.
 """
 
 from __future__ import annotations

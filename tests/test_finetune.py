@@ -211,6 +211,21 @@ def test_pretraining_beyond_the_caps_is_refused_before_it_starts(monkeypatch):
         cached_body(spec)
 
 
+def test_pretraining_a_body_too_large_for_its_budget_is_refused_before_training(monkeypatch):
+    from rlhpo.trainees.trainee import Trainee
+
+    spec = _task(
+        model_args={"hidden": [1024, 1024, 1024]},
+        pretrain={"samples": 300, "budget_samples": 400000, "seed": 0},
+    )
+    monkeypatch.setattr(Trainee, "train", lambda *a, **k: pytest.fail("pretraining started"))
+    with pytest.raises(SpecError) as e:
+        cached_body(spec)
+    msg = str(e.value)
+    assert "exceeds the cap 1e+11 parameters x samples" in msg and "\n" not in msg
+    assert not (pretrained.cache_dir() / "bodies").exists()
+
+
 def test_pretraining_needs_a_source_task_and_a_body_model():
     with pytest.raises(SpecError, match="needs a dataset with a source task"):
         _task(dataset="wine", dataset_args={})
