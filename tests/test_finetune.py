@@ -11,6 +11,7 @@ import torch
 
 from rlhpo.tasks import SpecError, load_suite, parse_task
 from rlhpo.tasks.datasets import load_data
+from rlhpo.tasks.spec import resolve_suite_path
 from rlhpo.trainees import build_trainee, pretrained
 from rlhpo.trainees.pretrained import (
     body_config,
@@ -234,7 +235,7 @@ def test_pretraining_needs_a_source_task_and_a_body_model():
 
 
 def test_a_family_pretraining_beyond_the_caps_is_refused(tmp_path):
-    text = load_suite("finetune").source and open(load_suite("finetune").source).read()
+    text = resolve_suite_path("finetune").read_text()
     bad = text.replace(
         "pretrain = { samples = 10000, budget_samples = 200000 }\n\n[tasks.resmlp-finetune-near]",
         "pretrain = { samples = 10000, budget_samples = [1000, 900000] }\n\n"
@@ -341,3 +342,44 @@ def test_readme_fine_tuning_example_runs(capsys):
     out = capsys.readouterr().out
     for row in ("| static |", "| policy (tuned peak) |", "| policy (user peak x30) |"):
         assert row in out
+
+
+FINETUNE_IN_DEFAULT = """
+
+[families.finetune]
+instances = 4
+model = ["mlp", "cnn1d"]
+datasets = { latent = { n_samples = [200, 500], relatedness = [0.5, 0.95], generator = [0, 999] } }
+width = [64, 128]
+depth = [1, 2]
+budget_samples = [4000, 8000]
+intervals = [10, 20]
+optimizer = ["adam", "adamw"]
+test_fraction = 0.45
+default = { lr = { log = [1e-5, 1e-3] }, batch_size = 32 }
+start = { lr = [1e-5, 1e-3] }
+pretrain = { samples = 10000, budget_samples = 200000 }
+
+[tasks.resmlp-finetune-near]
+dataset = "latent"
+dataset_args = { n_samples = 300, relatedness = 0.9, generator = 7 }
+model = "resmlp"
+model_args = { width = 64, blocks = 2, norm = "pre" }
+default = { lr = 2e-5, batch_size = 32, dropout = 0.1 }
+budget_samples = 6000
+pretrain = { samples = 10000, budget_samples = 200000 }
+"""
+
+
+def test_adding_the_fine_tuning_family_to_default_changes_no_existing_task(write_suite):
+    text = resolve_suite_path("default").read_text()
+    text = text.replace('"decoder-sort",\n]', '"decoder-sort", "resmlp-finetune-near",\n]')
+    assert "resmlp-finetune-near" in text
+    s = load_suite(write_suite(text + FINETUNE_IN_DEFAULT, "default.toml"))
+    old = load_suite("default")
+    names = old.train + old.test
+    blob = json.dumps({n: s.tasks[n].summary() for n in names}, sort_keys=True)
+    assert hashlib.sha256(blob.encode()).hexdigest() == DEFAULT_SUITE_SHA256
+    new = [n for n in s.train if n not in old.train]
+    assert len(new) == 4 and all(s.tasks[n].pretrain for n in new)
+    assert "finetune" in {f.family for f in s.folds()}  # its own LOFO fold
