@@ -281,3 +281,19 @@ def test_compare_policy_method_takes_base_peak():
         parse_method("policy:default?base_peak=mine")
     with pytest.raises(MethodError, match="peak_factor must be a positive number, got 'x'"):
         parse_method("policy:default?peak_factor=x")
+
+
+def test_agent_settings_train_over_a_user_peak_and_record_it():
+    from rlhpo.agents.ppo import PPOSettings
+
+    s = PPOSettings(base_schedule="warmup-cosine", base_peak="user", peak_factor=30.0)
+    cfg = s.env_config("tiny")
+    assert (cfg.base_schedule.base_peak, cfg.base_schedule.peak_factor) == ("user", 30.0)
+    rec = BaseSchedule.from_json(s.env_record(cfg)["base_schedule"])
+    assert rec == cfg.base_schedule  # what a policy file records, it runs over
+    tuned = PPOSettings(base_schedule="warmup-cosine").env_config("tiny").base_schedule
+    assert tuned.base_peak == "tuned"
+    with pytest.raises(ValueError, match="need a base_schedule, got base_schedule='none'"):
+        PPOSettings(base_peak="user", peak_factor=3.0).env_config("tiny")
+    with pytest.raises(BaseScheduleError, match="base_peak must be one of tuned, user"):
+        PPOSettings(base_schedule="warmup-cosine", base_peak="mine").env_config("tiny")
