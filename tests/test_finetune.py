@@ -383,3 +383,28 @@ def test_adding_the_fine_tuning_family_to_default_changes_no_existing_task(write
     new = [n for n in s.train if n not in old.train]
     assert len(new) == 4 and all(s.tasks[n].pretrain for n in new)
     assert "finetune" in {f.family for f in s.folds()}  # its own LOFO fold
+
+
+def test_batched_runs_start_from_the_body_too():
+    from rlhpo.trainees.batched import BatchedTrainee
+
+    spec = _task()
+    body = cached_body(spec)
+    group = BatchedTrainee(spec)
+    runs = [group.add({"dropout": 0.1}, seed=s) for s in (1, 2)]
+    for run in runs:
+        state = run.to_module().state_dict()
+        assert all(torch.equal(state[k], v) for k, v in body.items())
+    group.train([(r, 64) for r in runs])
+
+
+def test_a_failed_write_leaves_no_file_behind(_cache, monkeypatch):
+    import safetensors.torch
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        cached_body(_task())
+    assert list((_cache / "bodies").iterdir()) == []
