@@ -256,6 +256,11 @@ class Controller:
             (one trained over a base schedule, see :mod:`rlhpo.residual`) starts
             from. Default: read from ``optimizer``'s class (``SGD`` is sgd, anything
             else adam).
+        base_peak: ``"tuned"`` or ``"user"``: where a residual policy's level starts,
+            at the tuned peak or at the run's starting lr x ``peak_factor`` (for
+            fine-tuning, where the user's lr carries information; see
+            :class:`~rlhpo.residual.BaseSchedule`). Default: as the policy file says.
+        peak_factor: with ``base_peak="user"``, the factor on the user's lr (default 1).
         interval_samples: samples of the next interval (a residual policy averages
             its schedule over it). Default: the last interval's, or 1/20 of the
             budget before the first.
@@ -286,6 +291,8 @@ class Controller:
         n_val: int | None = None,
         obs_version: int | None = None,
         optimizer_kind: str | None = None,
+        base_peak: str | None = None,
+        peak_factor: float | None = None,
         interval_samples: int | None = None,
         apply: bool = True,
         seed: int = 0,
@@ -346,6 +353,13 @@ class Controller:
             )
         self.encoder: ObservationEncoder = encoder_class(policy.obs_version)(knob_space)
         self.base = policy.base_schedule
+        if base_peak is not None or peak_factor is not None:
+            if self.base is None:
+                raise ValueError(
+                    "base_peak/peak_factor need a policy trained over a base schedule; "
+                    "this policy has none"
+                )
+            self.base = self.base.with_peak(base_peak, peak_factor)
         if optimizer_kind is None:
             optimizer_kind = type(optimizer).__name__ if optimizer is not None else "adam"
         elif str(optimizer_kind).lower() not in ("adam", "adamw", "sgd"):
@@ -382,7 +396,7 @@ class Controller:
             k.name: live.get(k.name, k.lowest(self.space.bounds(k.name))) for k in knob_space.knobs
         }
         if self.base is not None:  # a residual policy owns the lr: its level starts at the peak
-            hp[LR.name] = self.base.peak(self.optimizer_kind)
+            hp[LR.name] = self.base.start_level(self.optimizer_kind, hp[LR.name])
         clipped = self.space.clip_all(hp)
         if clipped != hp and self.base is None:
             log.warning(

@@ -271,7 +271,8 @@ class HPOEnv(gym.Env):
         task = self.tasks[name]
         start = self._start_hp(task, options)
         if self.base is not None:  # the residual policy owns the lr: its level starts at the peak
-            start = {**start, LR.name: task.space.clip(LR.name, self.base.peak(task.optimizer))}
+            level = self.base.start_level(task.optimizer, start[LR.name])  # tuned, or user x f
+            start = {**start, LR.name: task.space.clip(LR.name, level)}
         self._level = float(start[LR.name]) if self.base is not None else None
         lo, hi = self.lr_scale
         if "lr_scale" in options:  # pinned by the caller (a curriculum, a regret grid)

@@ -170,3 +170,130 @@ def test_a_nan_noop_bias_is_refused():
 
     with pytest.raises(ValueError, match="noop_bias must be a finite number, got nan"):
         PPOSettings(noop_bias=float("nan"))
+
+
+# -- base_peak="user": the level starts at the run's own lr x peak_factor --------------
+USER = BASE.with_peak("user", 3.0)
+
+
+def test_user_base_peak_starts_at_the_runs_lr_times_the_factor():
+    assert USER.start_level("adam", 1e-4) == pytest.approx(3e-4)
+    assert USER.start_level("sgd", 2e-5) == pytest.approx(6e-5)
+    assert BASE.start_level("sgd", 1e-4) == 0.05  # tuned: the run's lr is replaced
+    assert BASE.with_peak(peak_factor=2.0).base_peak == "user"
+    assert BASE.with_peak() is BASE
+    assert "the run's starting lr x 3" in USER.describe()
+
+
+def test_user_base_peak_json_round_trip_and_older_files_start_tuned():
+    assert BaseSchedule.from_json(json.loads(json.dumps(USER.to_json()))) == USER
+    assert USER.to_json()["base_peak"] == "user" and USER.to_json()["peak_factor"] == 3.0
+    old = {k: v for k, v in BASE.to_json().items() if k not in ("base_peak", "peak_factor")}
+    assert BaseSchedule.from_json(old).base_peak == "tuned"
+
+
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        ({"base_peak": "mine"}, "base_peak must be one of tuned, user, got 'mine'"),
+        ({"base_peak": "user", "peak_factor": 0}, "peak_factor must be a number in [0.001, 1000], got 0"),
+        ({"base_peak": "user", "peak_factor": float("nan")}, "peak_factor must be a number in [0.001, 1000], got nan"),
+        ({"base_peak": "user", "peak_factor": True}, "peak_factor must be a number in [0.001, 1000], got True"),
+        ({"base_peak": "user", "peak_factor": "2"}, "peak_factor must be a number in [0.001, 1000], got '2'"),
+        ({"peak_factor": 2.0}, "peak_factor applies to base_peak 'user' only; with 'tuned' it must be 1, got 2.0"),
+    ],
+)  # fmt: skip
+def test_bad_base_peaks_are_one_line_errors(raw, needle):
+    with pytest.raises(BaseScheduleError) as e:
+        BaseSchedule.from_json({"peaks": {"adam": 0.01}, **raw})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_user_base_peak_needs_a_positive_starting_lr():
+    with pytest.raises(BaseScheduleError, match=r"needs the run's starting lr > 0, got 0.0$"):
+        USER.start_level("adam", 0.0)
+
+
+def test_env_starts_the_level_at_the_starts_lr_times_the_factor():
+    env = HPOEnv("tiny", tasks=["bc-mlp"], base_schedule=USER, budget_scale=0.2)
+    env.reset(seed=0, options={"hp": {"lr": 1e-4}})
+    assert env.hp["lr"] == pytest.approx(3e-4)
+    _, _, _, _, info = env.step(np.array(ActionCodec.NOOP))
+    spec = env.tasks["bc-mlp"]
+    n, b = spec.interval_samples, spec.budget_samples
+    assert info["lr_in_force"] == pytest.approx(USER.lr(3e-4, 0, n, b), rel=1e-6)
+    env.reset(seed=0, options={"hp": {"lr": 1e-3}})  # another user, another peak
+    assert env.hp["lr"] == pytest.approx(3e-3)
+
+
+def test_controller_honours_base_peak_as_the_env_does():
+    import torch
+
+    from rlhpo.controller import Controller
+
+    model = torch.nn.Linear(2, 2)
+    kw = dict(model=model, budget_samples=1000, n_classes=2, batch_size=64)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-5)
+    tuned = Controller.load("default", optimizer=opt, **kw)
+    assert tuned.hp["lr"] == tuned.base.peak("adam")  # the shipped policy: tuned peak
+    opt = torch.optim.Adam(model.parameters(), lr=2e-5)
+    user = Controller.load("default", optimizer=opt, base_peak="user", peak_factor=5.0, **kw)
+    assert user.base.base_peak == "user"
+    assert user.hp["lr"] == pytest.approx(user.base.start_level("adam", 2e-5)) == 1e-4
+    # The first interval trains at the schedule's warm-up below that level.
+    assert opt.param_groups[0]["lr"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"base_peak": "mine"}, "base_schedule base_peak must be one of tuned, user, got 'mine'"),
+        (
+            {"base_peak": "tuned", "peak_factor": 2.0},
+            "peak_factor applies to base_peak 'user' only",
+        ),
+        ({"peak_factor": -1.0}, "peak_factor must be a number in [0.001, 1000], got -1.0"),
+    ],
+)
+def test_controller_bad_base_peaks_are_one_line_errors(kw, needle):
+    import torch
+
+    from rlhpo.controller import Controller
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    with pytest.raises(ValueError) as e:
+        Controller.load(
+            "default", optimizer=opt, model=model, budget_samples=100, n_classes=2,
+            batch_size=64, **kw,
+        )  # fmt: skip
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_compare_policy_method_takes_base_peak():
+    from rlhpo.compare.methods import MethodError, parse_method
+
+    m = parse_method("policy:default?base_peak=user&peak_factor=3")
+    assert (m.base_peak, m.peak_factor, m.label) == ("user", 3.0, "policy:default-user-peak-x3")
+    assert m.setup()["base_peak"] == "user"
+    assert "base_peak" not in parse_method("policy:default").setup()
+    with pytest.raises(MethodError, match="base_peak must be one of tuned, user, got 'mine'"):
+        parse_method("policy:default?base_peak=mine")
+    with pytest.raises(MethodError, match="peak_factor must be a positive number, got 'x'"):
+        parse_method("policy:default?peak_factor=x")
+
+
+def test_agent_settings_train_over_a_user_peak_and_record_it():
+    from rlhpo.agents.ppo import PPOSettings
+
+    s = PPOSettings(base_schedule="warmup-cosine", base_peak="user", peak_factor=30.0)
+    cfg = s.env_config("tiny")
+    assert (cfg.base_schedule.base_peak, cfg.base_schedule.peak_factor) == ("user", 30.0)
+    rec = BaseSchedule.from_json(s.env_record(cfg)["base_schedule"])
+    assert rec == cfg.base_schedule  # what a policy file records, it runs over
+    tuned = PPOSettings(base_schedule="warmup-cosine").env_config("tiny").base_schedule
+    assert tuned.base_peak == "tuned"
+    with pytest.raises(ValueError, match="need a base_schedule, got base_schedule='none'"):
+        PPOSettings(base_peak="user", peak_factor=3.0).env_config("tiny")
+    with pytest.raises(BaseScheduleError, match="base_peak must be one of tuned, user"):
+        PPOSettings(base_schedule="warmup-cosine", base_peak="mine").env_config("tiny")

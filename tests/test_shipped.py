@@ -31,7 +31,7 @@ def test_suites_by_name_and_by_path():
     by_path = load_suite(str(PACKAGE / "suites" / "tiny.toml"))
     assert by_name.train == by_path.train and by_name.test == by_path.test
     with pytest.raises(
-        SpecError, match="unknown suite .nope.; known suites: default, default-v1, tiny"
+        SpecError, match="unknown suite .nope.; known suites: default, default-v1, finetune, tiny"
     ):
         load_suite("nope")
 

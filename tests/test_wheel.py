@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [
     "rlhpo/suites/default.toml",
+    "rlhpo/suites/finetune.toml",
     "rlhpo/suites/tiny.toml",
     "rlhpo/recipes/ppo.toml",
     "rlhpo/recipes/reinforce.toml",

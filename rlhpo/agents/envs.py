@@ -50,6 +50,12 @@ class EnvSettings:
     base_schedule: str = "none"
     """``"none"`` or ``"warmup-cosine"``: residual control over the schedule tuned on
     the suite's train split (see :mod:`rlhpo.residual`); the policy file records it."""
+    base_peak: str = "tuned"
+    """Where the schedule's level starts: ``"tuned"`` (its tuned peak) or ``"user"``
+    (the episode's starting lr x ``peak_factor``, for fine-tuning suites); needs
+    ``base_schedule``."""
+    peak_factor: float = 1.0
+    """With ``base_peak = "user"``, the factor on the starting lr."""
 
     def env_config(self, suite: str) -> EnvConfig:
         """The training env's config (with the run's wall time in ``info``)."""
@@ -61,7 +67,12 @@ class EnvSettings:
             raise ValueError(f"collapse_k must be >= 0 (0 = off), got {self.collapse_k!r}")
         if len(self.lr_scale) != 2:
             raise ValueError(f"lr_scale must be [low, high], got {list(self.lr_scale)}")
-        return EnvConfig(
+        if self.base_schedule == "none" and (self.base_peak, self.peak_factor) != ("tuned", 1.0):
+            raise ValueError(
+                f"base_peak={self.base_peak!r} / peak_factor={self.peak_factor!r} need a "
+                f"base_schedule, got base_schedule='none'"
+            )
+        config = EnvConfig(
             suite=suite,
             split=self.split,
             tasks=tuple(self.tasks) or None,
@@ -74,6 +85,10 @@ class EnvSettings:
             base_schedule=self.base_schedule,
             timing=True,
         )
+        if config.base_schedule is None:
+            return config
+        base = config.base_schedule.with_peak(self.base_peak, self.peak_factor)
+        return EnvConfig.of(config, base_schedule=base)
 
     def env_record(self, config: EnvConfig) -> dict[str, Any]:
         """What a policy file records of the env it was trained in."""

@@ -41,12 +41,24 @@ DATASET_ARGS: dict[str, dict[str, Any]] = {
     "lm_copy": {"n_samples": 3000, "length": 8, "vocab": 12},
     "lm_reverse": {"n_samples": 3000, "length": 8, "vocab": 12},
     "lm_sort": {"n_samples": 3000, "length": 8, "vocab": 12},
+    "latent": {
+        "n_samples": 400,
+        "n_features": 32,
+        "n_latent": 8,
+        "n_classes": 4,
+        "relatedness": 0.7,
+        "noise": 0.05,
+        "margin": 0.5,
+        "generator": 0,
+    },
 }
 # Datasets of token sequences labelled per sequence / per position.
 TOKEN_DATASETS = ("sequences", "parity", "counting")
 LM_DATASETS = ("lm_copy", "lm_reverse", "lm_sort")
 # Datasets whose features are a square image (what a 2D CNN takes).
 IMAGE_DATASETS = ("digits", "shapes")
+# Hidden width of the random network that maps latent factors to features (`latent`).
+_LATENT_WIDTH = 64
 # Per-position target that the loss and the accuracy skip (CrossEntropyLoss's default).
 IGNORE_TARGET = -100
 # Upper bounds on dataset sizes: a suite asking for more is refused before anything
@@ -63,6 +75,10 @@ DATASET_CAPS: dict[str, int | float] = {
     "noise": 1000.0,
     "class_sep": 100.0,
     "flip_y": 1.0,
+    "n_latent": 64,
+    "relatedness": 1.0,
+    "margin": 3.0,
+    "generator": 2**31 - 1,
 }
 
 
@@ -101,6 +117,11 @@ def check_dataset_args(dataset: str, args: dict[str, Any], where: str) -> None:
         raise SpecError(f"{where}: key 'length' must be >= 2, got {a['length']!r}")
     if dataset == "shapes" and a["size"] < 6:
         raise SpecError(f"{where}: key 'size' must be >= 6, got {a['size']!r}")
+    if dataset == "latent" and a["n_latent"] > a["n_features"]:
+        raise SpecError(
+            f"{where}: key 'n_latent' must be <= n_features, got n_latent={a['n_latent']}, "
+            f"n_features={a['n_features']}"
+        )
     if "n_classes" in a and a["n_classes"] < 2:
         raise SpecError(f"{where}: key 'n_classes' must be >= 2, got {a['n_classes']!r}")
 
@@ -179,6 +200,9 @@ def _build(dataset: str, a: dict[str, Any], seed: int, val_f: float, test_f: flo
             vocab=a["vocab"],
             per_token=True,
         )
+    if dataset == "latent":
+        x, y = _latent(rng, a)
+        return _split(rng, x, y, val_f, test_f, n_classes=a["n_classes"])
     if dataset == "shapes":
         x, y = _shapes(rng, a["n_samples"], a["size"], a["noise"])
         return _split(rng, x, y, val_f, test_f, n_classes=4)
@@ -303,6 +327,47 @@ def _lm_sequences(rng: np.random.Generator, dataset: str, n: int, length: int, v
     # y[:, j] is the token after x[:, j]; the answer starts after SEP at x position length+1.
     y[:, : length + 1] = IGNORE_TARGET
     return x, y
+
+
+def _latent(rng: np.random.Generator, a: dict[str, Any]):
+    """Vectors made from a few latent factors by a fixed random ReLU network; the
+    label is the arg-max of a linear readout of the factors.
+
+    Everything that a source task shares with its fine-tuning targets comes from the
+    ``generator`` seed: the network and the source's readout. A target mixes the
+    source's readout with a new one, ``r W_source + sqrt(1 - r^2) W_new`` at
+    ``relatedness`` r, so r = 1 is the source task itself and r = 0 shares only the
+    map (what a pretrained body has learned to undo). Samples closer than ``margin``
+    to a class boundary are redrawn, so that a well-trained model can be right on
+    nearly all of them and the score measures learning, not label noise. The
+    samples come from ``rng`` (the task's data seed).
+    """
+    g = np.random.default_rng([int(a["generator"]), 0x1A7E])
+    d, k, c = a["n_features"], a["n_latent"], a["n_classes"]
+    w1 = g.normal(0.0, np.sqrt(2.0 / k), size=(k, _LATENT_WIDTH))
+    w2 = g.normal(0.0, np.sqrt(2.0 / _LATENT_WIDTH), size=(_LATENT_WIDTH, _LATENT_WIDTH))
+    w3 = g.normal(0.0, np.sqrt(1.0 / _LATENT_WIDTH), size=(_LATENT_WIDTH, d))
+    # Readouts for up to the class cap; a task reads its first n_classes columns,
+    # so a source with more classes than its targets shares theirs.
+    w_src = np.random.default_rng([int(a["generator"]), 0x5EAD]).normal(
+        size=(k, int(DATASET_CAPS["n_classes"]))
+    )[:, :c]
+    w_new = g.normal(0.0, 1.0, size=(k, c))
+    r = float(a["relatedness"])
+    w = r * w_src + np.sqrt(max(0.0, 1.0 - r * r)) * w_new
+    n, kept = int(a["n_samples"]), []
+    for _ in range(100):
+        z = rng.normal(0.0, 1.0, size=(2 * n, k))
+        top = np.sort(z @ w, axis=1)
+        kept.append(z[top[:, -1] - top[:, -2] > a["margin"]])
+        if sum(len(b) for b in kept) >= n:
+            break
+    z = np.concatenate(kept)[:n]
+    if len(z) < n:
+        raise SpecError(f"latent: margin {a['margin']!r} leaves too few samples; lower it")
+    h = np.maximum(np.maximum(z @ w1, 0.0) @ w2, 0.0) @ w3
+    x = h + a["noise"] * h.std() * rng.normal(size=h.shape)
+    return x, (z @ w).argmax(1)
 
 
 def _shapes(rng: np.random.Generator, n: int, size: int, noise: float):

@@ -15,6 +15,11 @@ data. A ``[families.NAME]`` table in a suite file declares::
     optimizer = ["adam", "adamw", "sgd"]     # SGD runs with momentum 0.9
     weight_decay = { log = [1e-5, 1e-2] }    # {log = [low, high]}: log-uniform
     start = { lr = { choice = [[1e-5, 3e-2], [1e-4, 1e-2]] } }  # {choice = [...]}: one of
+    pretrain = { budget_samples = [80000, 160000] }  # fine-tuning: see TaskSpec.pretrain
+
+A family with a ``pretrain`` table fine-tunes: each instance's body is pretrained
+on its dataset's source task (seeded by the suite seed unless the table gives
+``seed``) and gets a new head.
 
 Numbers given as ``[low, high]`` are uniform ranges, lists of strings are choices,
 ``{log = [low, high]}`` is log-uniform and ``{choice = [...]}`` picks one of any
@@ -35,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhpo.tasks.spec import DATASETS, MODELS, OPTIMIZERS, SpecError
+from rlhpo.tasks.spec import DATASETS, MODELS, OPTIMIZERS, SpecError, check_pretrain
 
 INSTANCES_CAP = 64
 _FAMILY_KEYS = {
@@ -56,6 +61,7 @@ _FAMILY_KEYS = {
     "space",
     "val_fraction",
     "test_fraction",
+    "pretrain",
 }
 _NORMS = ("pre", "post")
 # Family keys that become model arguments, and their caps.
@@ -200,11 +206,23 @@ def parse_families(src: str, raw: Any, defaults: dict[str, Any]) -> list[Family]
             ranges["optimizer"] = list(_choices(src, p, "optimizer", f["optimizer"], OPTIMIZERS))
         if "norm" in f:
             ranges["norm"] = list(_choices(src, p, "norm", f["norm"], _NORMS))
-        base = _merge(defaults, {k: f[k] for k in ("start", "default", "space") if k in f})
-        for table in ("start", "default", "space"):
+        tables = ("start", "default", "space", "pretrain")
+        base = _merge(defaults, {k: f[k] for k in tables if k in f})
+        for table in tables:
             for k, v in (base.get(table) or {}).items():
-                if isinstance(v, dict):
+                if isinstance(v, dict) or (table == "pretrain" and isinstance(v, list)):
                     _check_range(f"{src}: key '{p}{table}.{k}'", v)
+        if "pretrain" in base:
+            # Both ends of every range, for every model and dataset: pretraining past
+            # the caps is refused here, before any instance is built.
+            pre = base["pretrain"]
+            if not isinstance(pre, dict):
+                raise SpecError(f"{src}: key '{p}pretrain' must be a table, got {pre!r}")
+            for end in (0, -1):
+                at_end = {k: _extremes(v)[end] for k, v in pre.items()}
+                for m in models:
+                    for d in ds:
+                        check_pretrain(at_end, m, d, f"{src}: key '{p}pretrain'")
         for k in ("val_fraction", "test_fraction"):
             if k in f:
                 base[k] = f[k]
@@ -328,6 +346,8 @@ def draw_instances(family: Family, seed: int) -> list[tuple[str, dict[str, Any]]
             data_seed=int(rng.integers(1000)),
             description=f"drawn from family {family.name!r}",
         )
+        if "pretrain" in task:
+            task["pretrain"] = {"seed": int(seed), **task["pretrain"]}
         for k in ("budget_samples", "intervals"):
             if k in r:
                 task[k] = int(_draw(rng, r[k]))
@@ -343,7 +363,9 @@ def _draw_tables(rng: np.random.Generator, base: dict[str, Any]) -> dict[str, An
     """Copy the fixed part, drawing the dict-form specs inside start/default/space."""
     out = {}
     for k, v in base.items():
-        if k in ("start", "default", "space") and isinstance(v, dict):
+        if k == "pretrain" and isinstance(v, dict):  # every value a draw spec or fixed
+            out[k] = {kk: _draw(rng, vv) for kk, vv in v.items()}
+        elif k in ("start", "default", "space") and isinstance(v, dict):
             out[k] = {kk: _draw(rng, vv) if isinstance(vv, dict) else vv for kk, vv in v.items()}
         else:
             out[k] = v

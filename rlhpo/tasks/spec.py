@@ -35,6 +35,7 @@ DATASETS = (
     "lm_copy",
     "lm_reverse",
     "lm_sort",
+    "latent",
 )
 MODELS = (
     "mlp",
@@ -56,6 +57,21 @@ LM_DATASETS = ("lm_copy", "lm_reverse", "lm_sort")
 IMAGE_DATASETS = ("digits", "shapes")
 BUDGET_CAP = 10_000_000
 INTERVALS_CAP = 200
+# Datasets that have a source task a body can be pretrained on (see ``pretrain``).
+PRETRAIN_DATASETS = ("latent",)
+# Models whose body (everything but the last Linear, the head) can be pretrained.
+PRETRAIN_MODELS = ("mlp", "resmlp", "cnn1d")
+# The ``pretrain`` table: its keys, their defaults and their [low, high] caps, checked
+# when a suite is read, so a suite asking for more is refused before anything is built.
+# Parameters x samples is capped too, once the body is built and before it trains
+# (rlhpo.trainees.pretrained.PRETRAIN_WORK_CAP): pretraining stays under 2 minutes.
+PRETRAIN_KEYS: dict[str, tuple[int | float, int | float, int | float]] = {
+    "samples": (8000, 100, 20000),  # the source dataset's size
+    "budget_samples": (160000, 1, 400000),  # samples processed while pretraining
+    "lr": (1e-3, 1e-6, 1.0),
+    "batch_size": (64, 1, 1024),
+    "seed": (0, 0, 2**31 - 1),
+}
 
 _TASK_KEYS = {
     "dataset",
@@ -75,6 +91,7 @@ _TASK_KEYS = {
     "description",
     "family",
     "weight_decay",
+    "pretrain",
 }
 _SPACE_KEYS = set(ALL_KNOBS)
 _SUITE_KEYS = {"name", "description", "train", "test", "defaults", "tasks", "seed", "families"}
@@ -112,6 +129,9 @@ class TaskSpec:
     source: str = ""
     family: str = ""  # the family the task was drawn from (else its model)
     weight_decay: float | None = None  # None: the optimizer's default (AdamW 0.01, else 0)
+    # Fine-tuning: the body is pretrained on the dataset's source task with these
+    # settings (``PRETRAIN_KEYS``, all filled in) and cached; empty: trained from scratch.
+    pretrain: dict[str, Any] = field(default_factory=dict)
 
     @property
     def interval_samples(self) -> int:
@@ -147,6 +167,8 @@ class TaskSpec:
             },
             "default": dict(self.default),
             "description": self.description,
+            # Only when set, so that the summaries of from-scratch tasks stay as they were.
+            **({"pretrain": dict(self.pretrain)} if self.pretrain else {}),
         }
 
 
@@ -255,11 +277,18 @@ def _parse_suite(path: Path) -> Suite:
     defaults = _get(src, raw, "defaults", dict, "", required=False) or {}
     _check_keys(src, "defaults.", defaults, _TASK_KEYS)
     seed = _get(src, raw, "seed", int, "", required=False) or 0
+    if not 0 <= seed <= PRETRAIN_KEYS["seed"][2]:
+        raise SpecError(
+            f"{src}: key 'seed' must be in [0, {PRETRAIN_KEYS['seed'][2]}], got {seed!r}"
+        )
     tasks: dict[str, TaskSpec] = {}
     for tname, traw in tasks_raw.items():
         if not isinstance(traw, dict):
             raise SpecError(f"{src}: key 'tasks.{tname}' must be a table, got {traw!r}")
         merged = _merge(defaults, traw)
+        if isinstance(merged.get("pretrain"), dict) and "seed" not in merged["pretrain"]:
+            # A body is deterministic from the suite seed unless the task pins its own.
+            merged["pretrain"] = {**merged["pretrain"], "seed": seed}
         tasks[tname] = parse_task(tname, merged, src)
     from rlhpo.tasks.families import draw_instances, parse_families
 
@@ -493,6 +522,9 @@ def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
 
     check_dataset_args(dataset, dargs, f"{src}: key '{p}dataset_args'")
     check_model_args(model, margs, f"{src}: key '{p}model_args'")
+    pretrain = _get(src, raw, "pretrain", dict, p, required=False)
+    if pretrain is not None:
+        pretrain = check_pretrain(pretrain, model, dataset, f"{src}: key '{p}pretrain'")
     return TaskSpec(
         name=name,
         dataset=dataset,
@@ -513,7 +545,42 @@ def parse_task(name: str, raw: dict[str, Any], src: str = "<task>") -> TaskSpec:
         source=src,
         family=family,
         weight_decay=wd,
+        pretrain=pretrain or {},
     )
+
+
+def check_pretrain(raw: dict[str, Any], model: str, dataset: str, where: str) -> dict[str, Any]:
+    """A ``pretrain`` table with its defaults filled in, or a one-line SpecError.
+
+    Checked here, when the suite is read, so that pretraining beyond the caps is
+    refused before it starts.
+    """
+    if dataset not in PRETRAIN_DATASETS:
+        raise SpecError(
+            f"{where}: pretraining needs a dataset with a source task "
+            f"({', '.join(PRETRAIN_DATASETS)}), got dataset {dataset!r}"
+        )
+    if model not in PRETRAIN_MODELS:
+        raise SpecError(
+            f"{where}: pretraining needs model {', '.join(PRETRAIN_MODELS)}, got {model!r}"
+        )
+    for k in raw:
+        if k not in PRETRAIN_KEYS:
+            raise SpecError(f"{where}: unknown key {k!r} (allowed: {', '.join(PRETRAIN_KEYS)})")
+    out: dict[str, Any] = {}
+    for k, (default, lo, hi) in PRETRAIN_KEYS.items():
+        v = raw.get(k, default)
+        if isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            v = float(v) if ok else v
+        if not ok:
+            raise SpecError(f"{where}: key {k!r} must be {type(default).__name__}, got {v!r}")
+        if not lo <= v <= hi:
+            raise SpecError(f"{where}: key {k!r} must be in [{lo}, {hi}] (the caps), got {v!r}")
+        out[k] = v
+    return out
 
 
 def _check_fit(src: str, p: str, model: str, dataset: str) -> None:

@@ -45,7 +45,12 @@ def init_model(spec: TaskSpec, data: TaskData, dropout: float, seed: int) -> nn.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return build_model(spec.model, spec.model_args, data, dropout=float(dropout))
+        model = build_model(spec.model, spec.model_args, data, dropout=float(dropout))
+    if spec.pretrain:  # fine-tuning: the pretrained body under a head initialised from seed
+        from rlhpo.trainees.pretrained import cached_body, load_body
+
+        load_body(model, cached_body(spec), spec.name)
+    return model
 
 
 def build_trainee(

@@ -32,15 +32,21 @@ class PolicyMethod(Method):
     ``?freeze=batch_size,dropout`` keeps those knobs at their start values;
     ``?guard=on|off`` runs with or without the do-no-harm guard (default: as the
     policy file says, on for files that do not say; ``k`` as the policy was trained
-    with, else :data:`rlhpo.safety.COLLAPSE_K`)."""
+    with, else :data:`rlhpo.safety.COLLAPSE_K`);
+    ``?base_peak=user&peak_factor=F`` starts a residual policy's level at the start's
+    lr x F instead of its tuned peak (:class:`rlhpo.residual.BaseSchedule`)."""
 
     policy_dir: str | None = None
     freeze: tuple[str, ...] = ()
     guard: bool | None = None
+    base_peak: str | None = None
+    peak_factor: float | None = None
 
     kind: ClassVar[str] = "policy"
-    syntax: ClassVar[str] = "policy:DIR|NAME[?freeze=KNOB,...][&guard=off]"
-    options: ClassVar[frozenset[str]] = frozenset({"freeze", "guard"})
+    syntax: ClassVar[str] = (
+        "policy:DIR|NAME[?freeze=KNOB,...][&guard=off][&base_peak=user&peak_factor=F]"
+    )
+    options: ClassVar[frozenset[str]] = frozenset({"freeze", "guard", "base_peak", "peak_factor"})
     takes_arg: ClassVar[bool] = True
 
     @classmethod
@@ -67,21 +73,48 @@ class PolicyMethod(Method):
         if guard_text == "off" and not text.name:
             label += "-noguard"
         guard = None if guard_text is None else guard_text == "on"
-        return cls(text.raw, label, policy_dir=text.arg, freeze=freeze, guard=guard)
+        base_peak = text.params.get("base_peak")
+        factor = text.positive_float("peak_factor")
+        if base_peak is not None or factor is not None:
+            from rlhpo.residual import BaseSchedule, BaseScheduleError
+
+            try:  # the same checks as the schedule's, before any cell runs
+                base_peak = BaseSchedule((("adam", 1.0),)).with_peak(base_peak, factor).base_peak
+            except BaseScheduleError as e:
+                raise text.error(str(e)) from None
+            if not text.name:
+                label += f"-{base_peak}-peak" + (f"-x{factor:g}" if factor is not None else "")
+        return cls(
+            text.raw,
+            label,
+            policy_dir=text.arg,
+            freeze=freeze,
+            guard=guard,
+            base_peak=base_peak,
+            peak_factor=factor,
+        )
 
     def resolve(self, suite_name: str, specs: list[TaskSpec]) -> PolicyMethod:
         from rlhpo.policy import PolicyFileError, load_policy
 
         try:  # the whole file, weights included: a broken one fails before any cell runs
-            load_policy(self.policy_dir)
+            policy = load_policy(self.policy_dir)
         except PolicyFileError as e:
             raise MethodError(f"method {self.raw!r}: {e}") from None
+        if self.base_peak is not None and policy.base_schedule is None:
+            raise MethodError(
+                f"method {self.raw!r}: base_peak needs a policy trained over a base schedule; "
+                f"{self.policy_dir} has none"
+            )
         return self
 
     def setup(self) -> dict[str, Any]:
         # Where the policy lives may change (the shipped ones moved into the package);
         # its weights are compared through fingerprint() instead.
-        return {"freeze": self.freeze, "guard": self.guard}
+        out: dict[str, Any] = {"freeze": self.freeze, "guard": self.guard}
+        if self.base_peak is not None:  # only when set: older folders resume as they were
+            out.update(base_peak=self.base_peak, peak_factor=self.peak_factor)
+        return out
 
     def fingerprint(self) -> str:
         """sha256 of the weights file: a resumed comparison must not mix two policies
@@ -115,14 +148,12 @@ class PolicyMethod(Method):
 
         guard = policy.guard if self.guard is None else self.guard
         k = (policy.collapse_k or COLLAPSE_K) if guard else None
-        env = HPOEnv(
-            suite,
-            split="train",
-            freeze=freeze,
-            timing=True,
-            collapse_k=k,
-            **policy.env_overrides(),
-        )
+        overrides = policy.env_overrides()
+        if self.base_peak is not None:
+            overrides["base_schedule"] = overrides["base_schedule"].with_peak(
+                self.base_peak, self.peak_factor
+            )
+        env = HPOEnv(suite, split="train", freeze=freeze, timing=True, collapse_k=k, **overrides)
         preload(spec)
         hp = start_hp(spec, cell.start)
         t0 = time.perf_counter()
