@@ -71,7 +71,7 @@ class VineSettings(EnvSettings):
     is no response to react to yet, only a schedule to memorise)."""
     branch_until: float = 0.5
     """Only decisions before this budget fraction are branched (rescues come early)."""
-    move_cost: float = 0.02
+    move_cost: float = 0.05
     """Subtracted from the advantage of every move that leaves "keep" (do no harm)."""
     uniform_share: float = 0.5
     """Share of episodes drawn uniformly; the rest in proportion to the prior's regret."""
