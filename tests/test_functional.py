@@ -229,3 +229,29 @@ def test_decoder_lm_matches_the_trainee(task):
         a, b = r.evaluate(), t.evaluate()
         assert a["score"] == pytest.approx(b["score"], abs=1e-6)  # token-weighted accuracy
         assert 0.0 <= a["score"] <= 1.0
+
+
+@pytest.mark.parametrize("family", ["gru", "transformer"])
+def test_snapshot_restore_and_fork_follow_the_trainee(suite, family):
+    # Exact mode: each run has its own dropout stream, so a restored run and a fork
+    # replay the unbatched Trainee's continuation (weights to the family's tolerance).
+    spec = suite.task(FAMILIES[family])
+    hp = {"lr": 3e-3, "batch_size": 32, "dropout": 0.2}
+    group = FunctionalTrainee(spec, exact=True)
+    run, tr = group.add(hp, seed=4), build_trainee(spec, hp, seed=4)
+    for x in (run, tr):
+        x.train(96)
+    snaps = run.snapshot(), tr.snapshot()
+    for x in (run, tr):
+        x.set_hp(lr=1e-2, dropout=0.0)
+        x.train(64)
+        x.restore(snaps[0] if x is run else snaps[1])
+    fork = run.fork(1)[0]
+    got = group.train([(run, 96), (fork, 96)])
+    want = tr.train(96)
+    assert got[0].batch_losses == got[1].batch_losses
+    assert got[0].batch_losses == pytest.approx(want.batch_losses, rel=1e-5)
+    for r in (run, fork):
+        diff = (_flat(r.to_module().parameters()) - _flat(tr.model.parameters())).abs().max()
+        assert float(diff) < WEIGHT_TOL[family]
+    assert run.samples_seen == tr.samples_seen == 256 and fork.samples_seen == 256

@@ -59,6 +59,7 @@ from rlhpo.tasks.spec import TaskSpec
 from rlhpo.trainees import init_model, task_data
 from rlhpo.trainees.batched import (
     CHUNK_ELEMENTS,
+    SNAPSHOT_CAP_BYTES,
     BatchedRun,
     BatchedTrainee,
     batchable_optimizer,
@@ -402,11 +403,14 @@ class FunctionalTrainee(BatchedTrainee):
         exact: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS,
         max_chunk_runs: int = MAX_CHUNK_RUNS,
+        snapshot_cap_bytes: int | None = SNAPSHOT_CAP_BYTES,
     ):
         if max_chunk_runs < 1:
             raise ValueError(f"max_chunk_runs must be >= 1, got {max_chunk_runs}")
         self.max_chunk_runs = int(max_chunk_runs)
-        super().__init__(spec, exact=exact, chunk_elements=chunk_elements)
+        super().__init__(
+            spec, exact=exact, chunk_elements=chunk_elements, snapshot_cap_bytes=snapshot_cap_bytes
+        )
 
     @classmethod
     def supports(cls, spec: TaskSpec) -> bool:
@@ -439,10 +443,14 @@ class FunctionalTrainee(BatchedTrainee):
 
 
 def make_batched_trainee(
-    spec: TaskSpec, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS
+    spec: TaskSpec,
+    exact: bool = False,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    snapshot_cap_bytes: int | None = SNAPSHOT_CAP_BYTES,
 ) -> BatchedTrainee:
     """The batched backend for ``spec``: hand-written stacked passes for ``mlp``
     and ``cnn1d``, ``torch.func`` for every other supported family."""
-    if supports_stacked(spec):
-        return BatchedTrainee(spec, exact=exact, chunk_elements=chunk_elements)
-    return FunctionalTrainee(spec, exact=exact, chunk_elements=chunk_elements)
+    kind = BatchedTrainee if supports_stacked(spec) else FunctionalTrainee
+    return kind(
+        spec, exact=exact, chunk_elements=chunk_elements, snapshot_cap_bytes=snapshot_cap_bytes
+    )
