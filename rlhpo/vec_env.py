@@ -41,8 +41,10 @@ from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
 from rlhpo.trainees import IntervalStats, Trainee, build_trainee
 from rlhpo.trainees.batched import (
     CHUNK_ELEMENTS,
+    SNAPSHOT_CAP_BYTES,
     BatchedRun,
     BatchedTrainee,
+    check_snapshot_cap,
     supports_batching,
 )
 from rlhpo.trainees.functional import make_batched_trainee
@@ -57,11 +59,21 @@ MIN_RUNS_PER_TASK = 3
 
 
 class RunPool:
-    """The training runs of a vector env's slots, batched per task where possible."""
+    """The training runs of a vector env's slots, batched per task where possible.
 
-    def __init__(self, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+    ``snapshot_cap_bytes`` caps each task group's live snapshots (the collapse
+    guard's best states; see :class:`~rlhpo.trainees.batched.BatchedTrainee`)."""
+
+    def __init__(
+        self,
+        exact: bool = False,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        snapshot_cap_bytes: int | None = SNAPSHOT_CAP_BYTES,
+    ):
+        check_snapshot_cap(snapshot_cap_bytes)
         self.exact = exact
         self.chunk_elements = chunk_elements
+        self.snapshot_cap_bytes = snapshot_cap_bytes
         self.groups: dict[str, BatchedTrainee] = {}
 
     def new_run(self, task: TaskSpec, hp: dict[str, Any], seed: int) -> BatchedRun | Trainee:
@@ -69,7 +81,12 @@ class RunPool:
             return build_trainee(task, hp, seed=seed)
         group = self.groups.get(task.name)
         if group is None or group.spec != task:
-            group = make_batched_trainee(task, exact=self.exact, chunk_elements=self.chunk_elements)
+            group = make_batched_trainee(
+                task,
+                exact=self.exact,
+                chunk_elements=self.chunk_elements,
+                snapshot_cap_bytes=self.snapshot_cap_bytes,
+            )
             self.groups[task.name] = group
         return group.add(hp, seed)
 
@@ -571,14 +588,8 @@ def make_vec_env(
         raise ValueError(
             f"backend 'batched' needs a batchable task (see supports_batching); got {no}"
         )
-    if backend == "batched" and cfg.collapse_k is not None:
-        raise ValueError(
-            "backend 'batched' cannot run the collapse guard (its runs take no snapshots): "
-            f"got collapse_k={cfg.collapse_k:g}; use backend dummy or subproc, or collapse_k=None"
-        )
     if backend == "auto":
-        # The collapse guard needs snapshots, which batched runs cannot take.
-        if yes and n_envs >= MIN_RUNS_PER_TASK * len(yes) and cfg.collapse_k is None:
+        if yes and n_envs >= MIN_RUNS_PER_TASK * len(yes):
             backend = "batched"
         else:
             backend = "subproc" if 1 < n_envs <= (os.cpu_count() or 1) else "dummy"

@@ -628,3 +628,41 @@ def test_restore_refuses_a_foreign_snapshot(suite):
         run.restore(BatchedTrainee(spec).add().snapshot())
     with pytest.raises(ValueError, match="restore needs a RunSnapshot .* got dict"):
         run.restore(build_trainee(spec).snapshot())
+
+
+def test_batched_vec_env_runs_the_collapse_guard_as_separate_envs(suite):
+    # The guard snapshots each run's best state and restores it (data=False) on a
+    # collapse; batched runs must do it exactly as HPOEnv's Trainee runs. Wild lr
+    # moves (x4) make collapses happen, so only tasks whose exact mode does not
+    # drift at high lr: MLPs (bitwise) and the unrolled GRU (7e-7 in weights).
+    kw = {
+        "suite": suite,
+        "split": "all",
+        "tasks": ["mnist1d-mlp", "wine-mlp", "digits-mlp", "seq-gru"],
+        "budget_scale": 0.03,
+        "collapse_k": 1.0,
+    }
+    n, steps = 6, 24
+    venv = make_vec_env(n_envs=n, backend="batched", exact=True, monitor=False, **kw)
+    assert isinstance(venv, BatchedVecEnv)
+    bo, br, bd, bi = _rollout(venv, steps, n, seed=2, calm=False)
+    do, dr, dd, di = _rollout(_dummy(n, **kw), steps, n, seed=2, calm=False)
+    np.testing.assert_array_equal(bd, dd)
+    np.testing.assert_allclose(bo, do, atol=TOL, rtol=0)
+    np.testing.assert_allclose(br, dr, atol=TOL, rtol=0)
+    events = []
+    for t, (ib, idd) in enumerate(zip(bi, di, strict=True)):
+        for i, (a, b) in enumerate(zip(ib, idd, strict=True)):
+            assert a.get("collapse") == b.get("collapse")
+            assert a["hp"] == pytest.approx(b["hp"])  # the lr cap after a collapse too
+            assert a["val_norm_score"] == pytest.approx(b["val_norm_score"], abs=TOL)
+            assert (a["samples"], a["optimizer_steps"]) == (b["samples"], b["optimizer_steps"])
+            if "collapse" in a:
+                events.append((t, i, a["task"]))
+    # several restores, one run restored more than once, a GRU (torch.func) among them
+    assert len(events) >= 5
+    assert any(task == "seq-gru" for *_, task in events)
+    assert len({i for _, i, _ in events}) < len(events)
+    # auto batches with the guard on too
+    auto = make_vec_env(suite, "all", n_envs=3, tasks=["wine-mlp"], collapse_k=3.0, monitor=False)
+    assert isinstance(auto, BatchedVecEnv)
