@@ -255,3 +255,53 @@ def test_snapshot_restore_and_fork_follow_the_trainee(suite, family):
         diff = (_flat(r.to_module().parameters()) - _flat(tr.model.parameters())).abs().max()
         assert float(diff) < WEIGHT_TOL[family]
     assert run.samples_seen == tr.samples_seen == 256 and fork.samples_seen == 256
+
+
+@pytest.mark.parametrize("family", ["gru", "transformer"])
+def test_evaluation_runs_the_tasks_own_module(suite, family):
+    # Evaluation calls the task's own module run by run (fused GRU, fused attention),
+    # so its outputs equal the Trainee's bitwise; the vmapped copy's attention summed
+    # in another order (1.3e-8 apart on seq-transformer).
+    spec = suite.task(FAMILIES[family])
+    group = FunctionalTrainee(spec)
+    runs = [group.add({"dropout": 0.3}, seed=s) for s in (1, 2)]
+    group.train([(r, 64) for r in runs])
+    x = group.data.x_val
+    P = [torch.stack(ps) for ps in zip(*(r.params for r in runs), strict=True)]
+    out = group.net.forward(P, x, shared=True)
+    for i, (r, ev) in enumerate(zip(runs, group.evaluate(runs), strict=True)):
+        tr = build_trainee(spec, {"dropout": 0.3}, seed=r.seed)
+        group.net.load_into(tr.model, r.params)
+        assert ev == tr.evaluate()
+        with torch.no_grad():
+            assert torch.equal(out[i], tr.model.eval()(x))
+
+
+def test_dropout_modules_need_no_per_op_mode(suite, monkeypatch):
+    # nn.Dropout sites read the run's p themselves, so after the first pass a model
+    # without functional dropout or attention trains without the TorchFunctionMode
+    # (its Python call on every op cost a third of a 5-run GRU step), with the same masks.
+    from rlhpo.trainees.functional import _RunDropout
+
+    spec = suite.task("seq-gru")
+
+    def losses():
+        group = FunctionalTrainee(spec)
+        runs = [group.add({"dropout": p, "batch_size": 32}, seed=0) for p in (0.0, 0.3)]
+        first = [s.train_loss for s in group.train([(r, 64) for r in runs])]
+        calls = []
+        orig = _RunDropout.__torch_function__
+
+        def counted(self, *a, **k):
+            calls.append(1)
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(_RunDropout, "__torch_function__", counted)
+        second = [s.train_loss for s in group.train([(r, 64) for r in runs])]
+        monkeypatch.undo()
+        return first, second, len(calls)
+
+    first, second, calls = losses()
+    assert calls == 0
+    assert first[1] != pytest.approx(first[0], rel=1e-4)  # dropout acted on the second run
+    assert (first, second) == losses()[:2]  # reproducible masks

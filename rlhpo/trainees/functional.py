@@ -28,8 +28,13 @@ chunk). Three things make an arbitrary module batchable this way:
   site of a model to the knob. Masks come from one generator per group
   (``vmap(randomness="different")``), seeded deterministically, so they have
   ``nn.Dropout``'s distribution but are not the unbatched run's masks: with
-  dropout > 0 runs agree with unbatched ones statistically. When no run of a
-  chunk uses dropout the mode is off (no per-op Python overhead).
+  dropout > 0 runs agree with unbatched ones statistically. ``nn.Dropout``
+  modules of the called copy read the run's ``p`` themselves
+  (:class:`_SiteDropout`), so the mode, which costs Python time on every op, is
+  entered only for models that call ``F.dropout`` or attention directly.
+- **Evaluation** calls the task's own module run by run (fused GRU/LSTM and
+  attention kernels): faster than the vmapped unrolled copy on every family, and
+  bitwise the Trainee's outputs.
 - **Buffers** are the template's, shared by all runs (positions ids and the
   like); models whose buffers change while training (batch norm) are refused.
 
@@ -45,6 +50,7 @@ run by run.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -176,20 +182,22 @@ def _unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def functional_copy(model: nn.Module) -> nn.Module:
+def functional_copy(model: nn.Module, runs: _RunDropout | None = None) -> nn.Module:
     """A copy of ``model`` to call with stacked weights: recurrent layers unrolled
-    (same parameter names), dropout sites at a sentinel p (see module docstring)."""
+    (same parameter names), dropout sites at a sentinel p (see module docstring).
+    With ``runs``, every ``nn.Dropout`` becomes a :class:`_SiteDropout` reading it."""
     why = _unsupported(model)
     if why is not None:
         raise ValueError(f"model cannot be batched with torch.func: {why}")
-    import copy
-
     clone = copy.deepcopy(model)
     for name, m in list(clone.named_modules()):
         if isinstance(m, (nn.GRU, nn.LSTM)):
             parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone
             kind = UnrolledLSTM if isinstance(m, nn.LSTM) else UnrolledGRU
             setattr(parent, name.rpartition(".")[2], kind(m))
+        elif runs is not None and type(m) is nn.Dropout:
+            parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone
+            setattr(parent, name.rpartition(".")[2], _SiteDropout(runs, m.p, m.inplace))
     for p in clone.parameters():
         p.requires_grad_(False)
     return clone
@@ -203,16 +211,25 @@ def _drop(x: Tensor, p: Tensor) -> Tensor:
 
 class _RunDropout(TorchFunctionMode):
     """Replaces every dropout in the forward pass with the current run's ``p``
-    (``p`` None: dropout off), and attention with math that ``vmap`` batches."""
+    (``p`` None: dropout off), and attention with math that ``vmap`` batches.
+
+    ``nn.Dropout`` modules of the called copy are :class:`_SiteDropout`, which read
+    ``p`` here without the mode (``active`` while a vmapped fast pass runs): the
+    mode costs Python time on every op, so it is entered only for models that call
+    ``F.dropout`` or attention themselves (``saw_functional_dropout``,
+    ``saw_attention``, learnt on the first pass, which always enters it)."""
 
     def __init__(self):
         super().__init__()
         self.p: Tensor | None = None
+        self.active = False
         self.saw_attention = False
+        self.saw_functional_dropout = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.dropout:
+            self.saw_functional_dropout = True
             training = kwargs.get("training", args[2] if len(args) > 2 else True)
             return _drop(args[0], self.p) if training and self.p is not None else args[0]
         if func is F.scaled_dot_product_attention:
@@ -253,6 +270,23 @@ class _RunDropout(TorchFunctionMode):
         return (_drop(w, self.p) if dropout_p > 0 and self.p is not None else w) @ v
 
 
+class _SiteDropout(nn.Dropout):
+    """An ``nn.Dropout`` of the called copy: in a vmapped fast pass it drops with the
+    run's own ``p`` from ``runs`` (no per-op mode needed); otherwise (exact mode,
+    one run at a time) it is ``nn.Dropout`` with its own ``p``."""
+
+    def __init__(self, runs: _RunDropout, p: float, inplace: bool):
+        super().__init__(p, inplace)
+        self.runs = runs
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.runs.active:
+            return super().forward(x)
+        if self.training and self.runs.p is not None:
+            return _drop(x, self.runs.p)
+        return x
+
+
 class FunctionalNet:
     """A task's module as a function of stacked weights, with the interface of
     :class:`~rlhpo.trainees.stacked.StackedNet` that the batched backend uses
@@ -268,14 +302,17 @@ class FunctionalNet:
     widest = 1
 
     def __init__(self, template: nn.Module):
-        self.module = functional_copy(template)
+        self._mode = _RunDropout()
+        self.module = functional_copy(template, self._mode)
+        # The task's own module, for evaluation (see forward).
+        self.native = copy.deepcopy(template).eval().requires_grad_(False)
         self.names = [n for n, _ in self.module.named_parameters()]
         self.buffers = dict(self.module.named_buffers())
         self.run_p: Tensor | None = None
         self.run_rngs: list[torch.Generator] | None = None
         self._calls = 0
+        self._dropout_calls = 0
         self.mask_state = torch.Generator().manual_seed(_MASK_SEED).get_state()
-        self._mode = _RunDropout()
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -301,21 +338,35 @@ class FunctionalNet:
             self.module, (dict(zip(self.names, params, strict=True)), self.buffers), (x,)
         )
 
+    def _call_native(self, P: list[Tensor], i: int, x: Tensor) -> Tensor:
+        params = {n: p[i] for n, p in zip(self.names, P, strict=True)}
+        return functional_call(self.native, (params, self.buffers), (x,))
+
     def _call_dropout(self, params: tuple[Tensor, ...], x: Tensor, p: Tensor) -> Tensor:
         self._mode.p = p
         return self._call(params, x)
 
     def _vmapped(self, leaves: tuple[Tensor, ...], x: Tensor, p: Tensor | None, **kw) -> Tensor:
-        # The mode costs Python time on every op: use it only where it acts, for
-        # dropout, or for attention (seen on the first call, which always uses it).
-        if p is None and self._calls > 0 and not self._mode.saw_attention:
-            return vmap(self._call, **kw)(leaves, x)
-        self._calls += 1
-        with self._mode:
-            if p is None:
-                self._mode.p = None
-                return vmap(self._call, **kw)(leaves, x)
-            return vmap(self._call_dropout, **kw)(leaves, x, p)
+        mode = self._mode
+        if p is None:
+            mode.p = None
+            fn, args = self._call, (leaves, x)
+        else:
+            fn, args = self._call_dropout, (leaves, x, p)
+        mode.active = True
+        try:
+            # The mode costs Python time on every op: enter it only where it acts
+            # (learnt on the first call, and on the first with dropout, which some
+            # models only call with p > 0: both always enter it).
+            learnt = self._calls > 0 and (p is None or self._dropout_calls > 0)
+            if learnt and not (mode.saw_attention or mode.saw_functional_dropout):
+                return vmap(fn, **kw)(*args)
+            self._calls += 1
+            self._dropout_calls += p is not None
+            with mode:
+                return vmap(fn, **kw)(*args)
+        finally:
+            mode.active = False
 
     def forward(
         self,
@@ -329,9 +380,16 @@ class FunctionalNet:
         ``[n, *input]`` for every run (evaluation, no dropout, no gradient). With
         ``ctx`` (training) the graph is kept there for :meth:`backward`."""
         if ctx is None:
-            self.module.eval()
             with torch.no_grad():
-                return self._vmapped(tuple(P), x, None, in_dims=(0, None if shared else 0))
+                if shared:
+                    # Run by run through the task's own module (fused GRU/LSTM, fused
+                    # attention): measured faster than the vmapped unrolled copy at 5 and
+                    # 32 runs on every family (GRU 2.1x, LSTM 4.9x, encoder 1.1x, decoder
+                    # 1.3x at 32; experiments/results/branch_cost.md), and the same
+                    # kernels as Trainee.evaluate.
+                    return torch.stack([self._call_native(P, i, x) for i in range(len(P[0]))])
+                self.module.eval()
+                return self._vmapped(tuple(P), x, None, in_dims=(0, 0))
         self.module.train()
         leaves = tuple(p.detach().requires_grad_() for p in P)
         p = self.run_p
