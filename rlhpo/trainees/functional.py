@@ -384,9 +384,9 @@ class FunctionalNet:
                 if shared:
                     # Run by run through the task's own module (fused GRU/LSTM, fused
                     # attention): measured faster than the vmapped unrolled copy at 5 and
-                    # 32 runs on every family (GRU 2.1x, LSTM 4.9x, encoder 1.1x, decoder
-                    # 1.3x at 32; experiments/results/branch_cost.md), and the same
-                    # kernels as Trainee.evaluate.
+                    # 32 runs on every family of the default suite (at 32 runs: GRU 2.1x,
+                    # LSTM 4.9x, encoder 1.1x, decoder 1.3x; vmap's cost grew linearly
+                    # with the runs), and the same kernels as Trainee.evaluate.
                     return torch.stack([self._call_native(P, i, x) for i in range(len(P[0]))])
                 self.module.eval()
                 return self._vmapped(tuple(P), x, None, in_dims=(0, 0))
