@@ -609,16 +609,22 @@ def test_snapshot_memory_is_capped_per_group(suite):
     group = BatchedTrainee(spec, snapshot_cap_bytes=int(1.5 * size))
     a, b = group.add(seed=0), group.add(seed=1)
     snap = a.snapshot()
-    assert snap.nbytes == size == group.snapshot_bytes
+    assert snap.nbytes == size == group.live_snapshot_bytes
     with pytest.raises(SnapshotMemoryError, match=f"snapshot of {size} bytes .* past snapshot_cap"):
         b.snapshot()
     assert issubclass(SnapshotMemoryError, ValueError)
     del snap
     gc.collect()
-    assert group.snapshot_bytes == 0  # a freed snapshot gives its bytes back
+    assert group.live_snapshot_bytes == 0  # a freed snapshot gives its bytes back
     b.snapshot()
     with pytest.raises(ValueError, match="snapshot_cap_bytes must be None or an int >= 0, got -1"):
         BatchedTrainee(spec, snapshot_cap_bytes=-1)
+    # the vector envs' pool gives every task group its cap
+    from rlhpo.vec_env import RunPool
+
+    assert RunPool(snapshot_cap_bytes=size).new_run(spec, {}, 0).group.snapshot_cap_bytes == size
+    with pytest.raises(ValueError, match="snapshot_cap_bytes must be None or an int >= 0, got 1.5"):
+        RunPool(snapshot_cap_bytes=1.5)
 
 
 def test_restore_refuses_a_foreign_snapshot(suite):

@@ -313,11 +313,13 @@ class BatchedRun:
             )
         if snap.group is not self.group:
             raise ValueError("snapshot was taken in another BatchedTrainee")
-        for dst, src in ((self.params, snap.params), (self.state, snap.state)):
+        for dst, src in (
+            (self.params, snap.params),
+            (self.state, snap.state),
+            (self.state2, snap.state2),
+        ):
             for d, s in zip(dst, src, strict=True):
                 d.copy_(s)
-        for d, s in zip(self.state2, snap.state2, strict=True):
-            d.copy_(s)
         self.step = snap.step
         for k, v in snap.settings.items():
             setattr(self, k, v)
@@ -372,7 +374,7 @@ class BatchedTrainee:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
         check_snapshot_cap(snapshot_cap_bytes)
         self.snapshot_cap_bytes = snapshot_cap_bytes
-        self.snapshot_bytes = 0  # held by this group's live snapshots
+        self.live_snapshot_bytes = 0  # held by this group's live snapshots
         self.spec = spec
         self.exact = bool(exact)
         self.chunk_elements = int(chunk_elements)
@@ -427,16 +429,16 @@ class BatchedTrainee:
 
     def _reserve(self, nbytes: int) -> None:
         cap = self.snapshot_cap_bytes
-        if cap is not None and self.snapshot_bytes + nbytes > cap:
+        if cap is not None and self.live_snapshot_bytes + nbytes > cap:
             raise SnapshotMemoryError(
                 f"a snapshot of {nbytes} bytes would take this group's snapshots to "
-                f"{self.snapshot_bytes + nbytes} bytes, past snapshot_cap_bytes={cap} "
+                f"{self.live_snapshot_bytes + nbytes} bytes, past snapshot_cap_bytes={cap} "
                 f"(task {self.spec.name!r}; release snapshots or raise the cap)"
             )
-        self.snapshot_bytes += nbytes
+        self.live_snapshot_bytes += nbytes
 
     def _free(self, nbytes: int) -> None:
-        self.snapshot_bytes -= nbytes
+        self.live_snapshot_bytes -= nbytes
 
     def _check(self, runs: Iterable[BatchedRun]) -> None:
         for r in runs:
