@@ -2,7 +2,7 @@
 unbatched continuation.
 
     python experiments/branch_cost.py [--tasks mlp-00-wine,...] [--k 5] [--repeats 3]
-        [--fraction 0.5] [--budget-scale 1.0]
+        [--fraction 0.5] [--budget-scale 1.0] [--profile gru,encoder]
 
 For one task of each family (MLP, CNN, GRU, transformer encoder; by default the
 first of each in the default suite's train split), a run with the task's
@@ -23,6 +23,10 @@ so the two are timed alternately in each of ``--repeats`` rounds and the median
 of the per-round ratios is reported. Also reported: the bytes one snapshot of a
 run takes (:meth:`BatchedRun.snapshot_bytes`) for every task of the train split,
 per family.
+
+``--profile FAMILIES`` also profiles one interval of the K forks and of the
+unbatched run on those families' tasks (torch.profiler, operators by self CPU
+time): where the batched GRU and transformer steps spend their time.
 
 Writes experiments/results/branch_cost.md.
 """
@@ -151,6 +155,30 @@ def measure(spec: TaskSpec, k: int, repeats: int, fraction: float, seed: int) ->
     }
 
 
+def profile_family(spec: TaskSpec, k: int, fraction: float, seed: int, rows: int = 12):
+    """Top operators by self CPU time of one interval: K forks batched, one run unbatched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run, tr = mid_state(spec, fraction, seed)
+    forks = run.fork(k)
+    n = spec.interval_samples
+    out = {}
+    for name, fn in (
+        (f"batched, {k} forks", lambda: run.group.train([(f, n) for f in forks])),
+        ("unbatched, 1 run", lambda: tr.train(n)),
+    ):
+        fn()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        out[name] = (
+            total,
+            [(e.key, e.self_cpu_time_total, e.count) for e in events[:rows]],
+        )
+    return out
+
+
 def snapshot_sizes(suite) -> dict[str, list[tuple[str, int]]]:
     """(task, bytes of one run's snapshot) of every train task, by family."""
     out: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -159,7 +187,7 @@ def snapshot_sizes(suite) -> dict[str, list[tuple[str, int]]]:
     return out
 
 
-def write(rows, sizes, args, cmd: str, load) -> Path:
+def write(rows, sizes, args, cmd: str, load, profiles=None) -> Path:
     lines = [
         "# Branch cost: K forks of one mid-run state, batched, vs one unbatched continuation",
         "",
@@ -209,6 +237,20 @@ def write(rows, sizes, args, cmd: str, load) -> Path:
             f"| {fam} | {len(items)} | {min(kib):.0f} | {statistics.mean(kib):.0f} | "
             f"{max(kib):.0f} | {int(2**30 // max(b for _, b in items)):,} |"
         )
+    for task, prof in (profiles or {}).items():
+        lines += ["", f"## Profile: one interval of {task}", ""]
+        for name, (total, top) in prof.items():
+            lines += [
+                f"{name}: {total / 1e3:.1f} ms self CPU in all.",
+                "",
+                "| operator | self CPU ms | share | calls |",
+                "|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| `{key[:60]}` | {us / 1e3:.1f} | {100 * us / total:.0f}% | {count} |"
+                for key, us, count in top
+            ]
+            lines.append("")
     path = OUT / "branch_cost.md"
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -223,6 +265,7 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.5, help="budget used at the fork")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="scale every task's budget")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default="", help="families whose K-fork interval to profile")
     args = ap.parse_args()
     if args.k < 1:
         raise SystemExit(f"--k must be >= 1, got {args.k}")
@@ -238,11 +281,18 @@ def main() -> None:
         specs = [s.scaled(args.budget_scale) for s in specs]
     for s in specs:
         task_data(s)  # datasets built before any timing
+    to_profile = []
+    for fam in [f for f in args.profile.split(",") if f]:
+        spec = next((s for s in specs if s.model == fam), None)
+        if spec is None:
+            raise SystemExit(f"--profile: no measured task of family {fam!r}")
+        to_profile.append(spec)
     load0 = os.getloadavg()[0]
     rows = [measure(s, args.k, args.repeats, args.fraction, args.seed) for s in specs]
     sizes = snapshot_sizes(suite)
+    profiles = {s.name: profile_family(s, args.k, args.fraction, args.seed) for s in to_profile}
     cmd = "python experiments/branch_cost.py " + " ".join(sys.argv[1:])
-    path = write(rows, sizes, args, cmd.strip(), (load0, os.getloadavg()[0]))
+    path = write(rows, sizes, args, cmd.strip(), (load0, os.getloadavg()[0]), profiles)
     print(f"wrote {path}")
 
 
