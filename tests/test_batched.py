@@ -672,3 +672,37 @@ def test_batched_vec_env_runs_the_collapse_guard_as_separate_envs(suite):
     # auto batches with the guard on too
     auto = make_vec_env(suite, "all", n_envs=3, tasks=["wine-mlp"], collapse_k=3.0, monitor=False)
     assert isinstance(auto, BatchedVecEnv)
+
+
+def test_runs_per_task_makes_blocks_of_slots_train_one_task(suite):
+    kw = {
+        "suite": suite,
+        "split": "all",
+        "tasks": ["wine-mlp", "digits-mlp", "mnist1d-mlp", "clf-binary-mlp"],
+        "budget_scale": 0.03,
+    }
+    n, steps = 6, 24
+    venv = BatchedVecEnv(n, exact=True, runs_per_task=3, **kw)
+    bo, br, bd, bi = _rollout(venv, steps, n)
+    seen = set()
+    for infos in bi:
+        tasks = [i["task"] for i in infos]
+        assert len(set(tasks[:3])) == len(set(tasks[3:])) == 1
+        seen.update(tasks)
+        # each task's runs batch together: a group per running task, 3 runs each
+        assert sorted(len(g.runs) for g in venv.slots.pool.groups.values() if g.runs) in (
+            [6],
+            [3, 3],
+        )
+    assert bd.sum() >= n and len(seen) >= 3  # blocks moved on to other tasks at resets
+    # a block's first slot draws its tasks as a separate HPOEnv does: same episodes
+    do, dr, dd, _ = _rollout(_dummy(n, **kw), steps, n)
+    for lead in (0, 3):
+        np.testing.assert_allclose(bo[:, lead], do[:, lead], atol=TOL, rtol=0)
+        np.testing.assert_allclose(br[:, lead], dr[:, lead], atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="runs_per_task must be an int >= 1, got 0"):
+        BatchedVecEnv(2, runs_per_task=0, **kw)
+    with pytest.raises(ValueError, match="runs_per_task groups the slots of a local batched env"):
+        make_vec_env(n_envs=2, backend="dummy", runs_per_task=2, **kw)
+    auto = make_vec_env(n_envs=3, runs_per_task=3, monitor=False, **kw)  # 4 tasks, 3 envs
+    assert isinstance(auto, BatchedVecEnv)
