@@ -33,6 +33,8 @@ the batched backend's chunk size.
 on (``collapse_k=K``: each run snapshots its best state and restores it on a
 collapse); the guard's cost is 1 - (steps/s on) / (steps/s off) of the same
 configuration, and speedups are over one model per env with the same guard.
+``--runs-per-task G`` makes the batched envs train blocks of G slots on one task
+at a time (``make_vec_env(runs_per_task=G)``).
 
 Writes experiments/results/throughput.md and throughput.png. ``--ppo T`` instead
 times SB3 PPO for T timesteps on the default train split with one-model-per-env
@@ -71,6 +73,8 @@ def _rss(pid: int | None = None) -> int:
 CONFIGS_ONE = {"dummy": ("dummy", 2, 1), "subproc": ("subproc", 2, 2)}
 # The collapse guard's k in configurations that run it (--guard).
 COLLAPSE_K = 3.0
+# Slots per task block of the batched envs (--runs-per-task).
+RUNS_PER_TASK = 1
 
 
 def configs(args) -> list[tuple[str, int, int, bool]]:
@@ -107,6 +111,7 @@ class _Stepper:
             monitor=False,
             tasks=None if task == TRAIN_SPLIT else [task],
             collapse_k=COLLAPSE_K if guard else None,
+            runs_per_task=RUNS_PER_TASK if backend == "batched" else 1,
         )
         self.rng = np.random.default_rng(seed)
         self.last = np.zeros(n_envs, dtype=np.int64)
@@ -157,13 +162,13 @@ def measure_task(task: str, confs: list[tuple], seconds: float, seed: int) -> di
 
 
 def _memory_child(
-    task: str, backend: str, n_envs: int, procs: int, guard: bool, suite: str, k: float, queue
+    task: str, backend: str, n_envs: int, procs: int, guard: bool, settings: tuple, queue
 ) -> None:
-    global SUITE, COLLAPSE_K
-    SUITE, COLLAPSE_K = suite, k  # a spawned process starts from the module's defaults
+    global SUITE, COLLAPSE_K, RUNS_PER_TASK
+    SUITE, COLLAPSE_K, RUNS_PER_TASK = settings  # a spawned process starts from the defaults
     limit_threads()
     for t in _tasks_of(task):
-        task_data(load_suite(suite).task(t))
+        task_data(load_suite(SUITE).task(t))
     before = _rss()
     st = _Stepper(task, backend, n_envs, procs, guard, seed=0)
     st.step()
@@ -182,7 +187,8 @@ def measure_memory(task: str, backend: str, n_envs: int, procs: int, guard: bool
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(
-        target=_memory_child, args=(task, backend, n_envs, procs, guard, SUITE, COLLAPSE_K, q)
+        target=_memory_child,
+        args=(task, backend, n_envs, procs, guard, (SUITE, COLLAPSE_K, RUNS_PER_TASK), q),
     )
     proc.start()
     value = q.get()
@@ -522,7 +528,8 @@ def write(rows, kernels, chunks, args, load, func_kernels=None) -> None:
         "Guard: the collapse guard off, or on with its k (``--guard``); guard cost: "
         "1 - steps/s on / steps/s off of the same configuration (speedups compare "
         "configurations with the same guard); restores: the guard's collapse "
-        "restores over all timed env steps of the configuration.",
+        "restores over all timed env steps of the configuration. Batched envs: blocks "
+        f"of {RUNS_PER_TASK} slot(s) train one task at a time (runs_per_task).",
         "",
         "| task | backend | envs | procs | guard | env steps/s | samples/s | speedup | "
         "guard cost | restores / env steps | weights+Adam KiB/model | RSS MiB/env | load |",
@@ -702,7 +709,7 @@ def write_ppo(rows: list[dict], timesteps: int, load) -> None:
 
 
 def main() -> None:
-    global SUITE, COLLAPSE_K
+    global SUITE, COLLAPSE_K, RUNS_PER_TASK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tasks", default="mnist1d-mlp,mnist1d-cnn")
     ap.add_argument(
@@ -726,6 +733,9 @@ def main() -> None:
     )
     ap.add_argument("--chunks", action="store_true")
     ap.add_argument(
+        "--runs-per-task", type=int, default=1, help="batched envs: slots per task block"
+    )
+    ap.add_argument(
         "--guard",
         type=float,
         default=0.0,
@@ -743,6 +753,9 @@ def main() -> None:
         raise SystemExit(f"--guard must be >= 0 (0: off), got {args.guard}")
     SUITE = args.suite
     COLLAPSE_K = args.guard or COLLAPSE_K
+    if args.runs_per_task < 1:
+        raise SystemExit(f"--runs-per-task must be >= 1, got {args.runs_per_task}")
+    RUNS_PER_TASK = args.runs_per_task
     args.tasks = args.tasks.split(",")
     args.ns = [int(n) for n in args.ns.split(",")]
     args.ns2 = [int(n) for n in args.ns2.split(",") if n]
