@@ -33,6 +33,11 @@ the batched backend's chunk size.
 on (``collapse_k=K``: each run snapshots its best state and restores it on a
 collapse); the guard's cost is 1 - (steps/s on) / (steps/s off) of the same
 configuration, and speedups are over one model per env with the same guard.
+``--family-groups K`` instead times, for the first train task of every family of
+``--suite``, one interval plus a validation pass of K runs batched in one group
+vs K unbatched Trainees, with one batch size for all and with mixed batch sizes
+(16, 64, 128, 256, ...; each batch size its own lockstep group), best of 3
+(results/OUT_families.md).
 ``--runs-per-task G`` makes the batched envs train blocks of G slots on one task
 at a time (``make_vec_env(runs_per_task=G)``).
 
@@ -58,6 +63,7 @@ import torch
 from rlhpo.actions import ActionCodec
 from rlhpo.runtime import limit_threads
 from rlhpo.tasks import load_suite
+from rlhpo.tasks.spec import TaskSpec
 from rlhpo.trainees import build_trainee, task_data
 from rlhpo.trainees.batched import CHUNK_ELEMENTS, BatchedTrainee, supports_batching
 from rlhpo.trainees.functional import FunctionalTrainee, make_batched_trainee
@@ -618,6 +624,71 @@ def _plot(rows, tasks, name: str = "throughput") -> None:
     fig.savefig(OUT / f"{name}.png", dpi=120)
 
 
+# -- per family: one group of K runs vs K Trainees ---------------------------------
+def run_family_groups(k: int, reps: int = 3) -> list[tuple[str, str, str, float, float]]:
+    """(family, task, batch sizes, unbatched s / batched s, load) per family and batch mix."""
+    from rlhpo.trainees.batched import supports_stacked
+
+    suite = load_suite(SUITE)
+    first: dict[str, TaskSpec] = {}
+    for t in suite.split("train"):
+        first.setdefault(t.model, t)
+    mixes = {"one": [64] * k, "mixed": [[16, 64, 128, 256][i % 4] for i in range(k)]}
+    rows = []
+    for fam, spec in first.items():
+        n = spec.interval_samples
+        for label, bss in mixes.items():
+            group = make_batched_trainee(spec)
+            runs = [group.add({"batch_size": b}, seed=i) for i, b in enumerate(bss)]
+            trs = [build_trainee(spec, {"batch_size": b}, seed=i) for i, b in enumerate(bss)]
+
+            def batched(group=group, runs=runs, n=n):
+                group.train([(r, n) for r in runs])
+                group.evaluate(runs)
+
+            def one_by_one(trs=trs, n=n):
+                for t in trs:
+                    t.train(n)
+                    t.evaluate()
+
+            tb, tu = math.inf, math.inf
+            for _ in range(reps + 1):  # the first round warms up
+                t0 = time.perf_counter()
+                batched()
+                t1 = time.perf_counter()
+                one_by_one()
+                t2 = time.perf_counter()
+                tb, tu = min(tb, t1 - t0), min(tu, t2 - t1)
+            backend = "stacked" if supports_stacked(spec) else "torch.func"
+            rows.append((f"{fam} ({backend})", spec.name, label, tu / tb, os.getloadavg()[0]))
+            print(f"{fam:8s} {spec.name:28s} {label:5s}: {tu / tb:.2f}x", flush=True)
+    return rows
+
+
+def write_family_groups(rows, k: int, args, load) -> None:
+    lines = [
+        f"# One group of {k} runs vs {k} Trainees, per family",
+        "",
+        f"Command: `python experiments/throughput.py --suite {args.suite} "
+        f"--family-groups {k} --out {args.out}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work "
+        f"(load average {load[0]:.1f} at start, {load[1]:.1f} at end), torch "
+        f"{torch.__version__}, 1 torch thread, no GPU.  ",
+        f"The first train task of each family of suite `{args.suite}`, default "
+        f"hyperparameters; one interval of training plus a validation pass of {k} runs "
+        f"in one batched group vs {k} unbatched Trainees one after another, best of 3. "
+        f"Batch sizes: one (64 for all) or mixed (16, 64, 128, 256, ...: every batch size "
+        "is its own lockstep group, as a policy's random moves make them). "
+        "Speedup = unbatched time / batched time (above 1x batching pays).",
+        "",
+        "| family (backend) | task | batch sizes | speedup | load |",
+        "|---|---|---|---:|---:|",
+    ]
+    lines += [f"| {f} | {t} | {b} | {x:.2f}x | {ld:.1f} |" for f, t, b, x, ld in rows]
+    (OUT / f"{args.out}_families.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT / args.out}_families.md")
+
+
 # -- PPO: wall time to the same timesteps ----------------------------------------
 PPO_CONFIGS = [
     ("subproc", 2, 128, 2),
@@ -733,6 +804,12 @@ def main() -> None:
     )
     ap.add_argument("--chunks", action="store_true")
     ap.add_argument(
+        "--family-groups",
+        type=int,
+        default=0,
+        help="only time K runs batched vs K Trainees per family (results/OUT_families.md)",
+    )
+    ap.add_argument(
         "--runs-per-task", type=int, default=1, help="batched envs: slots per task block"
     )
     ap.add_argument(
@@ -764,6 +841,10 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     if args.ppo:
         write_ppo(run_ppo(args.ppo), args.ppo, (load0, os.getloadavg()[0]))
+        return
+    if args.family_groups:
+        rows = run_family_groups(args.family_groups)
+        write_family_groups(rows, args.family_groups, args, (load0, os.getloadavg()[0]))
         return
     for task in args.tasks:
         for t in _tasks_of(task):
