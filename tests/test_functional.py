@@ -305,3 +305,29 @@ def test_dropout_modules_need_no_per_op_mode(suite, monkeypatch):
     assert calls == 0
     assert first[1] != pytest.approx(first[0], rel=1e-4)  # dropout acted on the second run
     assert (first, second) == losses()[:2]  # reproducible masks
+
+
+def test_lone_runs_and_lstms_train_through_the_tasks_own_module(monkeypatch):
+    # vmap gains nothing for a lockstep group of one run and the unrolled LSTM loses
+    # to nn.LSTM at every size measured: those train run by run through the fused
+    # module (throughput_guard_families.md), and still match the Trainee.
+    import rlhpo.trainees.functional as functional
+
+    suite = load_suite("default")
+
+    def no_vmap(*a, **k):
+        raise AssertionError("vmap called")
+
+    for task, n_runs in (("gru-00-sequences", 1), ("lstm-00-sequences", 2)):
+        spec = suite.task(task)
+        group = FunctionalTrainee(spec)
+        hp = {"dropout": 0.0, "batch_size": 32}
+        runs = [group.add(hp, seed=s) for s in range(n_runs)]
+        monkeypatch.setattr(functional, "vmap", no_vmap)
+        got = group.train([(r, 96) for r in runs])
+        monkeypatch.undo()
+        for s, (r, st) in enumerate(zip(runs, got, strict=True)):
+            tr = build_trainee(spec, hp, seed=s)
+            assert st.train_loss == pytest.approx(tr.train(96).train_loss, rel=1e-5)
+            diff = (_flat(r.to_module().parameters()) - _flat(tr.model.parameters())).abs().max()
+            assert float(diff) < WEIGHT_TOL["gru"]

@@ -34,7 +34,8 @@ chunk). Three things make an arbitrary module batchable this way:
   entered only for models that call ``F.dropout`` or attention directly.
 - **Evaluation** calls the task's own module run by run (fused GRU/LSTM and
   attention kernels): faster than the vmapped unrolled copy on every family, and
-  bitwise the Trainee's outputs.
+  bitwise the Trainee's outputs. So does training where vmap loses: a lockstep
+  group of one run, and every LSTM model.
 - **Buffers** are the template's, shared by all runs (positions ids and the
   like); models whose buffers change while training (batch norm) are refused.
 
@@ -306,6 +307,9 @@ class FunctionalNet:
         self.module = functional_copy(template, self._mode)
         # The task's own module, for evaluation (see forward).
         self.native = copy.deepcopy(template).eval().requires_grad_(False)
+        # The unrolled LSTM lost to nn.LSTM run by run even at one batch size for all
+        # (4 runs: 0.63x a Trainee; throughput_guard_families.md): never vmap it.
+        self.run_by_run = any(isinstance(m, nn.LSTM) for m in template.modules())
         self.names = [n for n, _ in self.module.named_parameters()]
         self.buffers = dict(self.module.named_buffers())
         self.run_p: Tensor | None = None
@@ -398,13 +402,31 @@ class FunctionalNet:
             ctx.append((leaves, out))
             return out.detach()
         dropout = p is not None and bool((p > 0).any())
-        set_dropout(self.module, _SENTINEL_P if dropout else 0.0)
         with torch.random.fork_rng(devices=[]):
             torch.random.set_rng_state(self.mask_state)
-            out = self._vmapped(leaves, x, p if dropout else None, randomness="different")
+            if len(x) == 1 or self.run_by_run:
+                out = self._native_each(leaves, x, p if dropout else None)
+            else:
+                set_dropout(self.module, _SENTINEL_P if dropout else 0.0)
+                out = self._vmapped(leaves, x, p if dropout else None, randomness="different")
             self.mask_state = torch.random.get_rng_state()
         ctx.append((leaves, out))
         return out.detach()
+
+    def _native_each(self, leaves: tuple[Tensor, ...], x: Tensor, p: Tensor | None) -> Tensor:
+        # Run by run through the task's own module (fused kernels), each run's dropout
+        # at its p from the group's mask stream. A lockstep group of one gains nothing
+        # from vmap and loses the fused kernels: measured 0.7x a Trainee on the GRU,
+        # encoder and 2D CNN tasks with mixed batch sizes, ~0.95x this way
+        # (experiments/results/throughput_guard_families.md).
+        self.native.train()
+        outs = []
+        for i in range(len(x)):
+            set_dropout(self.native, float(p[i]) if p is not None else 0.0)
+            params = {n: w[i] for n, w in zip(self.names, leaves, strict=True)}
+            outs.append(functional_call(self.native, (params, self.buffers), (x[i],)))
+        self.native.eval()
+        return torch.stack(outs)
 
     def _forward_each(self, leaves: tuple[Tensor, ...], x: Tensor, p: Tensor | None) -> Tensor:
         # Exact mode: each run alone, its dropout drawn by the module's own dropout
