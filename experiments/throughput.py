@@ -3,6 +3,7 @@
     python experiments/throughput.py [--tasks mnist1d-mlp,mnist1d-cnn] [--ns 8,16,32,64]
         [--seconds 4] [--repeats 2] [--kernels] [--chunks]
     python experiments/throughput.py --ppo 2560
+    python experiments/throughput.py --suite default --tasks train-split --guard 3 ...
 
 For each task, environment steps per second (one step = one interval of training
 of one env's model) and training samples per second of:
@@ -28,6 +29,18 @@ ways to batch it (torch.func vmap over functional_call, autograd over stacked
 bmm, rlhpo's explicit backward): how the backend was chosen. ``--chunks`` times
 the batched backend's chunk size.
 
+``--guard K`` runs every configuration twice, with the collapse guard off and
+on (``collapse_k=K``: each run snapshots its best state and restores it on a
+collapse); the guard's cost is 1 - (steps/s on) / (steps/s off) of the same
+configuration, and speedups are over one model per env with the same guard.
+``--family-groups K`` instead times, for the first train task of every family of
+``--suite``, one interval plus a validation pass of K runs batched in one group
+vs K unbatched Trainees, with one batch size for all and with mixed batch sizes
+(16, 64, 128, 256, ...; each batch size its own lockstep group), best of 3
+(results/OUT_families.md).
+``--runs-per-task G`` makes the batched envs train blocks of G slots on one task
+at a time (``make_vec_env(runs_per_task=G)``).
+
 Writes experiments/results/throughput.md and throughput.png. ``--ppo T`` instead
 times SB3 PPO for T timesteps on the default train split with one-model-per-env
 and batched vector envs (results/throughput_ppo.md).
@@ -50,6 +63,7 @@ import torch
 from rlhpo.actions import ActionCodec
 from rlhpo.runtime import limit_threads
 from rlhpo.tasks import load_suite
+from rlhpo.tasks.spec import TaskSpec
 from rlhpo.trainees import build_trainee, task_data
 from rlhpo.trainees.batched import CHUNK_ELEMENTS, BatchedTrainee, supports_batching
 from rlhpo.trainees.functional import FunctionalTrainee, make_batched_trainee
@@ -63,15 +77,21 @@ def _rss(pid: int | None = None) -> int:
 
 
 CONFIGS_ONE = {"dummy": ("dummy", 2, 1), "subproc": ("subproc", 2, 2)}
+# The collapse guard's k in configurations that run it (--guard).
+COLLAPSE_K = 3.0
+# Slots per task block of the batched envs (--runs-per-task).
+RUNS_PER_TASK = 1
 
 
-def configs(args) -> list[tuple[str, int, int]]:
-    """(backend, n_envs, processes) of every configuration."""
-    return (
+def configs(args) -> list[tuple[str, int, int, bool]]:
+    """(backend, n_envs, processes, guard on) of every configuration."""
+    plain = (
         [CONFIGS_ONE[b] for b in args.one]
         + [("batched", n, 1) for n in args.ns]
         + [("batched", n, 2) for n in args.ns2]
     )
+    guards = (False, True) if args.guard else (False,)
+    return [(*c, g) for c in plain for g in guards]
 
 
 # The pseudo-task of the whole mixed train split of the default suite (every
@@ -85,7 +105,7 @@ SUITE = "default-v1"
 class _Stepper:
     """One vector env under test, stepped with seeded random actions."""
 
-    def __init__(self, task: str, backend: str, n_envs: int, procs: int, seed: int):
+    def __init__(self, task: str, backend: str, n_envs: int, procs: int, guard: bool, seed: int):
         self.backend, self.n = backend, n_envs
         self.venv = make_vec_env(
             SUITE,
@@ -96,15 +116,17 @@ class _Stepper:
             n_procs=procs if backend == "batched" else 1,
             monitor=False,
             tasks=None if task == TRAIN_SPLIT else [task],
+            collapse_k=COLLAPSE_K if guard else None,
+            runs_per_task=RUNS_PER_TASK if backend == "batched" else 1,
         )
         self.rng = np.random.default_rng(seed)
         self.last = np.zeros(n_envs, dtype=np.int64)
         self.time = 0.0
-        self.steps = self.samples = 0
+        self.steps = self.samples = self.collapses = 0
         self.venv.reset()
         self.step()  # warm-up: models built, data cached, workers started
         self.time = 0.0
-        self.steps = self.samples = 0
+        self.steps = self.samples = self.collapses = 0
 
     def step(self) -> None:
         a = self.rng.integers(0, ActionCodec.NVEC, size=(self.n, 3))
@@ -114,11 +136,12 @@ class _Stepper:
         for i, info in enumerate(infos):
             self.samples += int(info["samples"]) - int(self.last[i])
             self.last[i] = 0 if dones[i] else info["samples"]
+            self.collapses += "collapse" in info  # the guard restored a best state
         self.time += dt
         self.steps += self.n
 
 
-def measure_task(task: str, confs: list[tuple[str, int, int]], seconds: float, seed: int) -> dict:
+def measure_task(task: str, confs: list[tuple], seconds: float, seed: int) -> dict:
     """Env steps/s and samples/s of every configuration of one task.
 
     All configurations exist at once and are stepped round-robin, one vector step
@@ -131,7 +154,12 @@ def measure_task(task: str, confs: list[tuple[str, int, int]], seconds: float, s
             if st.time < seconds or st.steps < 2 * st.n:
                 st.step()
     out = {
-        k: {"steps_s": st.steps / st.time, "samples_s": st.samples / st.time}
+        k: {
+            "steps_s": st.steps / st.time,
+            "samples_s": st.samples / st.time,
+            "steps": st.steps,
+            "collapses": st.collapses,
+        }
         for k, st in steppers.items()
     }
     for st in steppers.values():
@@ -139,14 +167,16 @@ def measure_task(task: str, confs: list[tuple[str, int, int]], seconds: float, s
     return out
 
 
-def _memory_child(task: str, backend: str, n_envs: int, procs: int, suite: str, queue) -> None:
-    global SUITE
-    SUITE = suite  # a spawned process starts from the module's default
+def _memory_child(
+    task: str, backend: str, n_envs: int, procs: int, guard: bool, settings: tuple, queue
+) -> None:
+    global SUITE, COLLAPSE_K, RUNS_PER_TASK
+    SUITE, COLLAPSE_K, RUNS_PER_TASK = settings  # a spawned process starts from the defaults
     limit_threads()
     for t in _tasks_of(task):
-        task_data(load_suite(suite).task(t))
+        task_data(load_suite(SUITE).task(t))
     before = _rss()
-    st = _Stepper(task, backend, n_envs, procs, seed=0)
+    st = _Stepper(task, backend, n_envs, procs, guard, seed=0)
     st.step()
     if procs > 1:
         added = sum(_rss(p.pid) for p in psutil.Process().children(recursive=True))
@@ -156,13 +186,16 @@ def _memory_child(task: str, backend: str, n_envs: int, procs: int, suite: str, 
     queue.put(added / n_envs)
 
 
-def measure_memory(task: str, backend: str, n_envs: int, procs: int) -> float:
+def measure_memory(task: str, backend: str, n_envs: int, procs: int, guard: bool) -> float:
     """Process memory (RSS) added per env, in a fresh process (or its workers)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(task, backend, n_envs, procs, SUITE, q))
+    proc = ctx.Process(
+        target=_memory_child,
+        args=(task, backend, n_envs, procs, guard, (SUITE, COLLAPSE_K, RUNS_PER_TASK), q),
+    )
     proc.start()
     value = q.get()
     proc.join()
@@ -197,16 +230,17 @@ def run_envs(args) -> list[dict]:
             for key, m in measured.items():
                 results.setdefault((task, *key), []).append(m)
                 print(
-                    f"round {r} {task:12s} {key[0]:8s} n={key[1]:3d} procs={key[2]}: "
+                    f"round {r} {task:12s} {key[0]:8s} n={key[1]:3d} procs={key[2]} "
+                    f"guard={'on' if key[3] else 'off'}: "
                     f"{m['steps_s']:7.2f} steps/s {m['samples_s']:9.0f} samples/s",
                     flush=True,
                 )
     rows = []
     for task in args.tasks:
         kib = state_kib(task)
-        for backend, n, procs in confs:
-            ms = results[(task, backend, n, procs)]
-            rss = math.nan if args.no_rss else measure_memory(task, backend, n, procs)
+        for backend, n, procs, guard in confs:
+            ms = results[(task, backend, n, procs, guard)]
+            rss = math.nan if args.no_rss else measure_memory(task, backend, n, procs, guard)
             print(f"{task:12s} {backend:8s} n={n:3d}: RSS/env {rss / 2**20:7.1f} MiB", flush=True)
             rows.append(
                 {
@@ -214,6 +248,9 @@ def run_envs(args) -> list[dict]:
                     "backend": backend,
                     "n": n,
                     "procs": procs,
+                    "guard": guard,
+                    "restores": sum(m["collapses"] for m in ms),
+                    "steps": sum(m["steps"] for m in ms),
                     "steps_s": statistics.median(m["steps_s"] for m in ms),
                     "samples_s": statistics.median(m["samples_s"] for m in ms),
                     "rss_env": rss,
@@ -221,10 +258,19 @@ def run_envs(args) -> list[dict]:
                     "load": loads[task],
                 }
             )
-        base = max(r["steps_s"] for r in rows if r["task"] == task and r["backend"] != "batched")
-        for r in rows:
-            if r["task"] == task:
-                r["speedup"] = r["steps_s"] / base
+        mine = [r for r in rows if r["task"] == task]
+        for r in mine:
+            base = max(
+                o["steps_s"] for o in mine if o["backend"] != "batched" and o["guard"] == r["guard"]
+            )
+            r["speedup"] = r["steps_s"] / base
+            off = [
+                o["steps_s"]
+                for o in mine
+                if (o["backend"], o["n"], o["procs"], o["guard"])
+                == (r["backend"], r["n"], r["procs"], False)
+            ]
+            r["guard_cost"] = 1 - r["steps_s"] / off[0] if r["guard"] else math.nan
     return rows
 
 
@@ -380,7 +426,7 @@ def write_profile(name: str, n: int, seed: int = 0) -> None:
 
     from torch.profiler import profile
 
-    st = _Stepper(TRAIN_SPLIT, "batched", n, 1, seed)
+    st = _Stepper(TRAIN_SPLIT, "batched", n, 1, False, seed)
     load0 = os.getloadavg()[0]
     pr = cProfile.Profile()
     pr.enable()
@@ -485,15 +531,23 @@ def write(rows, kernels, chunks, args, load, func_kernels=None) -> None:
         "of its tasks (weights+Adam: the mean over its tasks). Load: the 1-minute load "
         "average when the task's last round ended.",
         "",
-        "| task | backend | envs | procs | env steps/s | samples/s | speedup | "
-        "weights+Adam KiB/model | RSS MiB/env | load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Guard: the collapse guard off, or on with its k (``--guard``); guard cost: "
+        "1 - steps/s on / steps/s off of the same configuration (speedups compare "
+        "configurations with the same guard); restores: the guard's collapse "
+        "restores over all timed env steps of the configuration. Batched envs: blocks "
+        f"of {RUNS_PER_TASK} slot(s) train one task at a time (runs_per_task).",
+        "",
+        "| task | backend | envs | procs | guard | env steps/s | samples/s | speedup | "
+        "guard cost | restores / env steps | weights+Adam KiB/model | RSS MiB/env | load |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        guard = f"k={COLLAPSE_K:g}" if r["guard"] else "off"
+        cost = "" if math.isnan(r["guard_cost"]) else f"{100 * r['guard_cost']:+.0f}%"
         lines.append(
-            f"| {r['task']} | {r['backend']} | {r['n']} | {r['procs']} | {r['steps_s']:.2f} | "
-            f"{r['samples_s']:,.0f} | {r['speedup']:.1f}x | {r['state_kib']:.0f} | "
-            f"{r['rss_env'] / 2**20:.1f} | {r['load']:.1f} |"
+            f"| {r['task']} | {r['backend']} | {r['n']} | {r['procs']} | {guard} | "
+            f"{r['steps_s']:.2f} | {r['samples_s']:,.0f} | {r['speedup']:.1f}x | {cost} | "
+            f"{r['restores']} / {r['steps']} | {r['state_kib']:.0f} | {r['rss_env'] / 2**20:.1f} | {r['load']:.1f} |"
         )
     if kernels:
         lines += [
@@ -555,6 +609,7 @@ def _plot(rows, tasks, name: str = "throughput") -> None:
         labels = [
             f"{r['backend']}\n{r['n']} env{'s' if r['n'] > 1 else ''}"
             + (f"\n{r['procs']} procs" if r["procs"] > 1 else "")
+            + ("\nguard" if r["guard"] else "")
             for r in rs
         ]
         colors = ["tab:gray" if r["backend"] != "batched" else "tab:blue" for r in rs]
@@ -567,6 +622,71 @@ def _plot(rows, tasks, name: str = "throughput") -> None:
     fig.suptitle("rlhpo/HPO-v0 throughput: one model per env (gray) vs batched (blue)")
     fig.tight_layout()
     fig.savefig(OUT / f"{name}.png", dpi=120)
+
+
+# -- per family: one group of K runs vs K Trainees ---------------------------------
+def run_family_groups(k: int, reps: int = 3) -> list[tuple[str, str, str, float, float]]:
+    """(family, task, batch sizes, unbatched s / batched s, load) per family and batch mix."""
+    from rlhpo.trainees.batched import supports_stacked
+
+    suite = load_suite(SUITE)
+    first: dict[str, TaskSpec] = {}
+    for t in suite.split("train"):
+        first.setdefault(t.model, t)
+    mixes = {"one": [64] * k, "mixed": [[16, 64, 128, 256][i % 4] for i in range(k)]}
+    rows = []
+    for fam, spec in first.items():
+        n = spec.interval_samples
+        for label, bss in mixes.items():
+            group = make_batched_trainee(spec)
+            runs = [group.add({"batch_size": b}, seed=i) for i, b in enumerate(bss)]
+            trs = [build_trainee(spec, {"batch_size": b}, seed=i) for i, b in enumerate(bss)]
+
+            def batched(group=group, runs=runs, n=n):
+                group.train([(r, n) for r in runs])
+                group.evaluate(runs)
+
+            def one_by_one(trs=trs, n=n):
+                for t in trs:
+                    t.train(n)
+                    t.evaluate()
+
+            tb, tu = math.inf, math.inf
+            for _ in range(reps + 1):  # the first round warms up
+                t0 = time.perf_counter()
+                batched()
+                t1 = time.perf_counter()
+                one_by_one()
+                t2 = time.perf_counter()
+                tb, tu = min(tb, t1 - t0), min(tu, t2 - t1)
+            backend = "stacked" if supports_stacked(spec) else "torch.func"
+            rows.append((f"{fam} ({backend})", spec.name, label, tu / tb, os.getloadavg()[0]))
+            print(f"{fam:8s} {spec.name:28s} {label:5s}: {tu / tb:.2f}x", flush=True)
+    return rows
+
+
+def write_family_groups(rows, k: int, args, load) -> None:
+    lines = [
+        f"# One group of {k} runs vs {k} Trainees, per family",
+        "",
+        f"Command: `python experiments/throughput.py --suite {args.suite} "
+        f"--family-groups {k} --out {args.out}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other work "
+        f"(load average {load[0]:.1f} at start, {load[1]:.1f} at end), torch "
+        f"{torch.__version__}, 1 torch thread, no GPU.  ",
+        f"The first train task of each family of suite `{args.suite}`, default "
+        f"hyperparameters; one interval of training plus a validation pass of {k} runs "
+        f"in one batched group vs {k} unbatched Trainees one after another, best of 3. "
+        f"Batch sizes: one (64 for all) or mixed (16, 64, 128, 256, ...: every batch size "
+        "is its own lockstep group, as a policy's random moves make them). "
+        "Speedup = unbatched time / batched time (above 1x batching pays).",
+        "",
+        "| family (backend) | task | batch sizes | speedup | load |",
+        "|---|---|---|---:|---:|",
+    ]
+    lines += [f"| {f} | {t} | {b} | {x:.2f}x | {ld:.1f} |" for f, t, b, x, ld in rows]
+    (OUT / f"{args.out}_families.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {OUT / args.out}_families.md")
 
 
 # -- PPO: wall time to the same timesteps ----------------------------------------
@@ -660,7 +780,7 @@ def write_ppo(rows: list[dict], timesteps: int, load) -> None:
 
 
 def main() -> None:
-    global SUITE
+    global SUITE, COLLAPSE_K, RUNS_PER_TASK
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tasks", default="mnist1d-mlp,mnist1d-cnn")
     ap.add_argument(
@@ -684,6 +804,21 @@ def main() -> None:
     )
     ap.add_argument("--chunks", action="store_true")
     ap.add_argument(
+        "--family-groups",
+        type=int,
+        default=0,
+        help="only time K runs batched vs K Trainees per family (results/OUT_families.md)",
+    )
+    ap.add_argument(
+        "--runs-per-task", type=int, default=1, help="batched envs: slots per task block"
+    )
+    ap.add_argument(
+        "--guard",
+        type=float,
+        default=0.0,
+        help="also run every configuration with the collapse guard on, collapse_k=GUARD",
+    )
+    ap.add_argument(
         "--ppo",
         type=int,
         default=0,
@@ -691,7 +826,13 @@ def main() -> None:
         "(writes results/throughput_ppo.md)",
     )
     args = ap.parse_args()
+    if args.guard < 0:
+        raise SystemExit(f"--guard must be >= 0 (0: off), got {args.guard}")
     SUITE = args.suite
+    COLLAPSE_K = args.guard or COLLAPSE_K
+    if args.runs_per_task < 1:
+        raise SystemExit(f"--runs-per-task must be >= 1, got {args.runs_per_task}")
+    RUNS_PER_TASK = args.runs_per_task
     args.tasks = args.tasks.split(",")
     args.ns = [int(n) for n in args.ns.split(",")]
     args.ns2 = [int(n) for n in args.ns2.split(",") if n]
@@ -700,6 +841,10 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     if args.ppo:
         write_ppo(run_ppo(args.ppo), args.ppo, (load0, os.getloadavg()[0]))
+        return
+    if args.family_groups:
+        rows = run_family_groups(args.family_groups)
+        write_family_groups(rows, args.family_groups, args, (load0, os.getloadavg()[0]))
         return
     for task in args.tasks:
         for t in _tasks_of(task):

@@ -41,8 +41,10 @@ from rlhpo.tasks.spec import Suite, TaskSpec, load_suite
 from rlhpo.trainees import IntervalStats, Trainee, build_trainee
 from rlhpo.trainees.batched import (
     CHUNK_ELEMENTS,
+    SNAPSHOT_CAP_BYTES,
     BatchedRun,
     BatchedTrainee,
+    check_snapshot_cap,
     supports_batching,
 )
 from rlhpo.trainees.functional import make_batched_trainee
@@ -57,11 +59,21 @@ MIN_RUNS_PER_TASK = 3
 
 
 class RunPool:
-    """The training runs of a vector env's slots, batched per task where possible."""
+    """The training runs of a vector env's slots, batched per task where possible.
 
-    def __init__(self, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+    ``snapshot_cap_bytes`` caps each task group's live snapshots (the collapse
+    guard's best states; see :class:`~rlhpo.trainees.batched.BatchedTrainee`)."""
+
+    def __init__(
+        self,
+        exact: bool = False,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        snapshot_cap_bytes: int | None = SNAPSHOT_CAP_BYTES,
+    ):
+        check_snapshot_cap(snapshot_cap_bytes)
         self.exact = exact
         self.chunk_elements = chunk_elements
+        self.snapshot_cap_bytes = snapshot_cap_bytes
         self.groups: dict[str, BatchedTrainee] = {}
 
     def new_run(self, task: TaskSpec, hp: dict[str, Any], seed: int) -> BatchedRun | Trainee:
@@ -69,7 +81,12 @@ class RunPool:
             return build_trainee(task, hp, seed=seed)
         group = self.groups.get(task.name)
         if group is None or group.spec != task:
-            group = make_batched_trainee(task, exact=self.exact, chunk_elements=self.chunk_elements)
+            group = make_batched_trainee(
+                task,
+                exact=self.exact,
+                chunk_elements=self.chunk_elements,
+                snapshot_cap_bytes=self.snapshot_cap_bytes,
+            )
             self.groups[task.name] = group
         return group.add(hp, seed)
 
@@ -131,14 +148,42 @@ class SlotEnv(HPOEnv):
 
 
 class _Slots:
-    """What both vector envs share: the slot envs, the pool and the joint step."""
+    """What both vector envs share: the slot envs, the pool and the joint step.
 
-    def __init__(self, n_envs: int, exact: bool, chunk_elements: int, config: EnvConfig):
+    ``runs_per_task > 1`` cuts the slots into blocks of that many consecutive slots
+    that train the same task: a block's first slot draws its task at each reset as
+    an ``HPOEnv`` does, and the others take the task their block's first slot runs
+    when they reset (each with its own seed, start and run). Every slot still sees
+    each task as often, but a task's runs batch together."""
+
+    def __init__(
+        self,
+        n_envs: int,
+        exact: bool,
+        chunk_elements: int,
+        config: EnvConfig,
+        runs_per_task: int = 1,
+    ):
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+        if isinstance(runs_per_task, bool) or not isinstance(runs_per_task, int):
+            raise ValueError(f"runs_per_task must be an int >= 1, got {runs_per_task!r}")
+        if runs_per_task < 1:
+            raise ValueError(f"runs_per_task must be an int >= 1, got {runs_per_task!r}")
         config = config.with_suite_loaded()  # parsed once, shared by every slot
         self.pool = RunPool(exact=exact, chunk_elements=chunk_elements)
         self.envs = [SlotEnv(self.pool, config) for _ in range(n_envs)]
+        self.runs_per_task = runs_per_task
+
+    def reset_slot(self, i: int, seed: int | None = None, options: dict | None = None):
+        """``reset`` of slot ``i``; a slot that follows a block's first one takes its
+        task (unless ``options`` names one). Reset slots in ascending order."""
+        lead = i - i % self.runs_per_task
+        if lead != i and not (options and "task" in options):
+            leader = self.envs[lead].spec_task
+            if leader is not None:
+                options = {**(options or {}), "task": leader.name}
+        return self.envs[i].reset(seed=seed, options=options)
 
     def step_all(self, actions: np.ndarray) -> list[tuple]:
         """One step of every slot (without auto-reset): the 5-tuples of ``HPOEnv.step``."""
@@ -169,6 +214,8 @@ class BatchedVecEnv(VecEnv):
         exact: replay the unbatched Trainee's dropout masks and Adam arithmetic
             (slower; for checks). Off: same distributions, other random draws.
         chunk_elements: cache-sized work unit of the batched backend.
+        runs_per_task: blocks of this many slots train the same task (see
+            ``_Slots``), so that batches hold several runs of a task.
     """
 
     def __init__(
@@ -178,9 +225,12 @@ class BatchedVecEnv(VecEnv):
         *,
         exact: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS,
+        runs_per_task: int = 1,
         **env_kwargs: Any,
     ):
-        self.slots = _Slots(n_envs, exact, chunk_elements, EnvConfig.of(config, **env_kwargs))
+        self.slots = _Slots(
+            n_envs, exact, chunk_elements, EnvConfig.of(config, **env_kwargs), runs_per_task
+        )
         self.envs = self.slots.envs
         env = self.envs[0]
         super().__init__(n_envs, env.observation_space, env.action_space)
@@ -194,9 +244,10 @@ class BatchedVecEnv(VecEnv):
     # As DummyVecEnv: seeds and options set by seed()/set_options() apply to the
     # next reset() only; auto-resets use each env's own generator.
     def reset(self):
-        for i, env in enumerate(self.envs):
-            options = {"options": self._options[i]} if self._options[i] else {}
-            obs, self.reset_infos[i] = env.reset(seed=self._seeds[i], **options)
+        for i in range(len(self.envs)):
+            obs, self.reset_infos[i] = self.slots.reset_slot(
+                i, self._seeds[i], self._options[i] or None
+            )
             self.buf_obs[i] = obs
         self._reset_seeds()
         self._reset_options()
@@ -216,7 +267,7 @@ class BatchedVecEnv(VecEnv):
             info["TimeLimit.truncated"] = trunc and not term
             if self.buf_dones[i]:
                 info["terminal_observation"] = obs
-                obs, self.reset_infos[i] = self.envs[i].reset()
+                obs, self.reset_infos[i] = self.slots.reset_slot(i)
             self.buf_obs[i] = obs
             self.buf_infos[i] = info
         return (
@@ -445,9 +496,12 @@ class BatchedVectorEnv(gym.vector.VectorEnv):
         *,
         exact: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS,
+        runs_per_task: int = 1,
         **env_kwargs: Any,
     ):
-        self.slots = _Slots(n_envs, exact, chunk_elements, EnvConfig.of(config, **env_kwargs))
+        self.slots = _Slots(
+            n_envs, exact, chunk_elements, EnvConfig.of(config, **env_kwargs), runs_per_task
+        )
         self.envs = self.slots.envs
         self.num_envs = n_envs
         self.single_observation_space = self.envs[0].observation_space
@@ -464,8 +518,8 @@ class BatchedVectorEnv(gym.vector.VectorEnv):
                 raise ValueError(f"seed list must have {self.num_envs} entries, got {len(seeds)}")
         obs = np.zeros((self.num_envs, *self.single_observation_space.shape), dtype=np.float32)
         infos: dict[str, Any] = {}
-        for i, env in enumerate(self.envs):
-            obs[i], info = env.reset(seed=seeds[i], options=options)
+        for i in range(self.num_envs):
+            obs[i], info = self.slots.reset_slot(i, seeds[i], options)
             infos = self._add_info(infos, info, i)
         return obs, infos
 
@@ -481,7 +535,7 @@ class BatchedVectorEnv(gym.vector.VectorEnv):
             rewards[i], terms[i], truncs[i] = r, term, trunc
             if term or trunc:
                 infos = self._add_info(infos, {"final_obs": o, "final_info": info}, i)
-                o, info = self.envs[i].reset()
+                o, info = self.slots.reset_slot(i)
             obs[i] = o
             infos = self._add_info(infos, info, i)
         return obs, rewards, terms, truncs, infos
@@ -512,6 +566,7 @@ def make_vec_env(
     exact: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
     executor: str = "local",
+    runs_per_task: int = 1,
     **env_kwargs: Any,
 ) -> VecEnv:
     """``n_envs`` tuning environments as an SB3 ``VecEnv``; env ``i`` is seeded
@@ -543,6 +598,11 @@ def make_vec_env(
     slot's episodes, are those of the local sharded env. ``backend`` must then be
     ``auto`` or ``batched``.
 
+    ``runs_per_task > 1`` (batched, local executor): blocks of that many slots
+    train the same task at a time (:class:`BatchedVecEnv`), so that each batch
+    holds several runs even on a split with more tasks than envs; ``auto`` then
+    batches when ``runs_per_task >= MIN_RUNS_PER_TASK``.
+
     ``monitor`` wraps the result in SB3's ``VecMonitor`` (``info["episode"]``).
     """
     import os
@@ -565,20 +625,20 @@ def make_vec_env(
             "executor 'ray' steps env shards in Ray actors: backend must be auto, batched or "
             f"dummy, got {backend!r}"
         )
+    if runs_per_task != 1 and (executor == "ray" or backend in ("dummy", "subproc")):
+        raise ValueError(
+            "runs_per_task groups the slots of a local batched env: backend must be auto or "
+            f"batched with executor local, got backend={backend!r}, executor={executor!r}"
+        )
     cfg = cfg.with_suite_loaded()
     yes, no = batchable_tasks(cfg.suite, cfg.split, cfg.tasks)
     if backend == "batched" and not yes:
         raise ValueError(
             f"backend 'batched' needs a batchable task (see supports_batching); got {no}"
         )
-    if backend == "batched" and cfg.collapse_k is not None:
-        raise ValueError(
-            "backend 'batched' cannot run the collapse guard (its runs take no snapshots): "
-            f"got collapse_k={cfg.collapse_k:g}; use backend dummy or subproc, or collapse_k=None"
-        )
     if backend == "auto":
-        # The collapse guard needs snapshots, which batched runs cannot take.
-        if yes and n_envs >= MIN_RUNS_PER_TASK * len(yes) and cfg.collapse_k is None:
+        enough = n_envs >= MIN_RUNS_PER_TASK * len(yes) or runs_per_task >= MIN_RUNS_PER_TASK
+        if yes and enough:
             backend = "batched"
         else:
             backend = "subproc" if 1 < n_envs <= (os.cpu_count() or 1) else "dummy"
@@ -596,10 +656,17 @@ def make_vec_env(
         )
     elif backend == "batched" and n_procs > 1:
         venv = ShardedVecEnv(
-            n_envs, n_procs, config=cfg, exact=exact, chunk_elements=chunk_elements
+            n_envs,
+            n_procs,
+            config=cfg,
+            exact=exact,
+            chunk_elements=chunk_elements,
+            runs_per_task=runs_per_task,
         )
     elif backend == "batched":
-        venv = BatchedVecEnv(n_envs, cfg, exact=exact, chunk_elements=chunk_elements)
+        venv = BatchedVecEnv(
+            n_envs, cfg, exact=exact, chunk_elements=chunk_elements, runs_per_task=runs_per_task
+        )
     elif backend == "subproc":
         fns = [_HPOEnvFactory(cfg, worker=True) for _ in range(n_envs)]
         venv = SubprocVecEnv(fns, start_method="forkserver")

@@ -505,3 +505,204 @@ def test_batched_vec_env_equals_separate_envs_with_observation_v2(suite):
     np.testing.assert_array_equal(bd, dd)
     np.testing.assert_allclose(bo, do, atol=TOL, rtol=0)
     np.testing.assert_allclose(br, dr, atol=TOL, rtol=0)
+
+
+# -- going back: snapshot, restore, fork -----------------------------------------
+
+
+def _params_equal(a, b) -> bool:
+    return torch.equal(_flat(a.to_module().parameters()), _flat(b.model.parameters()))
+
+
+@pytest.mark.parametrize("data", [True, False])
+def test_snapshot_and_restore_follow_the_trainee_bitwise(suite, data):
+    # Exact mode on an MLP is bitwise equal to the Trainee, so the same snapshot /
+    # restore sequence must leave both in the same state: weights, Adam moments and
+    # step count (the next step's bias correction), knobs, data order, dropout stream.
+    spec = suite.task("mnist1d-mlp")
+    hp = {"lr": 3e-3, "batch_size": 32, "dropout": 0.2}
+    group = BatchedTrainee(spec, exact=True)
+    run, tr = group.add(hp, seed=5), build_trainee(spec, hp, seed=5)
+    for x in (run, tr):
+        x.train(700)
+    snaps = run.snapshot(), tr.snapshot()
+    for x in (run, tr):
+        x.set_hp(lr=2e-2, batch_size=128, dropout=0.0)
+        x.train(500)
+    run.restore(snaps[0], data=data)
+    tr.restore(snaps[1], data=data)
+    assert run.hp == tr.hp == {"lr": 3e-3, "batch_size": 32, "dropout": 0.2}
+    assert _params_equal(run, tr)
+    a, b = run.train(700), tr.train(700)
+    # the losses are summed in another order (see test_exact_mode_...); the weights are bitwise
+    assert a.batch_losses == pytest.approx(b.batch_losses, rel=1e-6)
+    assert _params_equal(run, tr)
+    # counters keep counting: the work between snapshot and restore was done
+    assert (run.samples_seen, run.optimizer_steps) == (tr.samples_seen, tr.optimizer_steps)
+    assert run.samples_seen == 1900
+
+
+def test_restore_replays_the_interval_in_fast_mode(suite):
+    group = BatchedTrainee(suite.task("digits-cnn"))
+    run = group.add({"lr": 3e-3, "batch_size": 32, "dropout": 0.3}, seed=2)
+    run.train(300)
+    snap = run.snapshot()
+    first = run.train(400)
+    run.restore(snap)
+    again = run.train(400)
+    assert first.batch_losses == again.batch_losses  # same data and dropout masks
+    run.restore(snap, data=False)
+    other = run.train(400)  # the data order and masks went on
+    assert other.batch_losses != first.batch_losses
+
+
+def test_forks_are_common_random_number_copies(suite):
+    spec = suite.task("mnist1d-mlp")
+    hp = {"lr": 3e-3, "batch_size": 32, "dropout": 0.2}
+    group = BatchedTrainee(spec, exact=True)
+    run, tr = group.add(hp, seed=3), build_trainee(spec, hp, seed=3)
+    run.train(600)
+    tr.train(600)
+    forks = run.fork(3)
+    assert len(group.runs) == 4 and all(f.group is group for f in forks)
+    assert all((f.samples_seen, f.optimizer_steps) == (600, run.optimizer_steps) for f in forks)
+    forks[2].set_hp(lr=3e-2)
+    got = group.train([(r, 700) for r in [run, *forks]])
+    want = tr.train(700)
+    # the source and the forks with its knobs are the unbatched continuation, bitwise
+    for st, r in zip(got[:3], [run, *forks[:2]], strict=True):
+        assert st.batch_losses == got[0].batch_losses
+        assert st.batch_losses == pytest.approx(want.batch_losses, rel=1e-6)
+        assert _params_equal(r, tr)
+    # the fork given another lr saw the same batches and masks: same first loss
+    assert got[3].batch_losses[0] == got[0].batch_losses[0]
+    assert got[3].batch_losses[1:] != pytest.approx(want.batch_losses[1:], rel=1e-3)
+    # forks own their state: training one leaves the others alone
+    forks[0].train(100)
+    assert _params_equal(forks[1], tr)
+
+
+def test_a_diverged_run_cannot_be_forked(suite):
+    group = BatchedTrainee(suite.task("wine-mlp"), exact=True)
+    run = group.add({"dropout": 0.0}, seed=0)
+    run.train(100)
+    good = run.snapshot()
+    run.params[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match="^cannot fork a diverged run: its weights hold non-fin"):
+        run.fork(2)
+    assert run.train(100).diverged
+    with pytest.raises(ValueError, match="^cannot fork a diverged run: its last interval report"):
+        run.fork(2)
+    run.restore(good)
+    assert len(run.fork(2)) == 2
+    with pytest.raises(ValueError, match="fork k must be an int >= 1, got 0"):
+        run.fork(0)
+
+
+def test_snapshot_memory_is_capped_per_group(suite):
+    import gc
+
+    from rlhpo.trainees.batched import SnapshotMemoryError
+
+    spec = suite.task("digits-mlp")
+    size = BatchedTrainee(spec).add().snapshot_bytes()
+    group = BatchedTrainee(spec, snapshot_cap_bytes=int(1.5 * size))
+    a, b = group.add(seed=0), group.add(seed=1)
+    snap = a.snapshot()
+    assert snap.nbytes == size == group.live_snapshot_bytes
+    with pytest.raises(SnapshotMemoryError, match=f"snapshot of {size} bytes .* past snapshot_cap"):
+        b.snapshot()
+    assert issubclass(SnapshotMemoryError, ValueError)
+    del snap
+    gc.collect()
+    assert group.live_snapshot_bytes == 0  # a freed snapshot gives its bytes back
+    b.snapshot()
+    with pytest.raises(ValueError, match="snapshot_cap_bytes must be None or an int >= 0, got -1"):
+        BatchedTrainee(spec, snapshot_cap_bytes=-1)
+    # the vector envs' pool gives every task group its cap
+    from rlhpo.vec_env import RunPool
+
+    assert RunPool(snapshot_cap_bytes=size).new_run(spec, {}, 0).group.snapshot_cap_bytes == size
+    with pytest.raises(ValueError, match="snapshot_cap_bytes must be None or an int >= 0, got 1.5"):
+        RunPool(snapshot_cap_bytes=1.5)
+
+
+def test_restore_refuses_a_foreign_snapshot(suite):
+    spec = suite.task("wine-mlp")
+    run = BatchedTrainee(spec).add()
+    with pytest.raises(ValueError, match="snapshot was taken in another BatchedTrainee"):
+        run.restore(BatchedTrainee(spec).add().snapshot())
+    with pytest.raises(ValueError, match="restore needs a RunSnapshot .* got dict"):
+        run.restore(build_trainee(spec).snapshot())
+
+
+def test_batched_vec_env_runs_the_collapse_guard_as_separate_envs(suite):
+    # The guard snapshots each run's best state and restores it (data=False) on a
+    # collapse; batched runs must do it exactly as HPOEnv's Trainee runs. Wild lr
+    # moves (x4) make collapses happen, so only tasks whose exact mode does not
+    # drift at high lr: MLPs (bitwise) and the unrolled GRU (7e-7 in weights).
+    kw = {
+        "suite": suite,
+        "split": "all",
+        "tasks": ["mnist1d-mlp", "wine-mlp", "digits-mlp", "seq-gru"],
+        "budget_scale": 0.03,
+        "collapse_k": 1.0,
+    }
+    n, steps = 6, 24
+    venv = make_vec_env(n_envs=n, backend="batched", exact=True, monitor=False, **kw)
+    assert isinstance(venv, BatchedVecEnv)
+    bo, br, bd, bi = _rollout(venv, steps, n, seed=2, calm=False)
+    do, dr, dd, di = _rollout(_dummy(n, **kw), steps, n, seed=2, calm=False)
+    np.testing.assert_array_equal(bd, dd)
+    np.testing.assert_allclose(bo, do, atol=TOL, rtol=0)
+    np.testing.assert_allclose(br, dr, atol=TOL, rtol=0)
+    events = []
+    for t, (ib, idd) in enumerate(zip(bi, di, strict=True)):
+        for i, (a, b) in enumerate(zip(ib, idd, strict=True)):
+            assert a.get("collapse") == b.get("collapse")
+            assert a["hp"] == pytest.approx(b["hp"])  # the lr cap after a collapse too
+            assert a["val_norm_score"] == pytest.approx(b["val_norm_score"], abs=TOL)
+            assert (a["samples"], a["optimizer_steps"]) == (b["samples"], b["optimizer_steps"])
+            if "collapse" in a:
+                events.append((t, i, a["task"]))
+    # several restores, one run restored more than once, a GRU (torch.func) among them
+    assert len(events) >= 5
+    assert any(task == "seq-gru" for *_, task in events)
+    assert len({i for _, i, _ in events}) < len(events)
+    # auto batches with the guard on too
+    auto = make_vec_env(suite, "all", n_envs=3, tasks=["wine-mlp"], collapse_k=3.0, monitor=False)
+    assert isinstance(auto, BatchedVecEnv)
+
+
+def test_runs_per_task_makes_blocks_of_slots_train_one_task(suite):
+    kw = {
+        "suite": suite,
+        "split": "all",
+        "tasks": ["wine-mlp", "digits-mlp", "mnist1d-mlp", "clf-binary-mlp"],
+        "budget_scale": 0.03,
+    }
+    n, steps = 6, 24
+    venv = BatchedVecEnv(n, exact=True, runs_per_task=3, **kw)
+    bo, br, bd, bi = _rollout(venv, steps, n)
+    seen = set()
+    for infos in bi:
+        tasks = [i["task"] for i in infos]
+        assert len(set(tasks[:3])) == len(set(tasks[3:])) == 1
+        seen.update(tasks)
+        # each task's runs batch together: a group per running task, 3 runs each
+        assert sorted(len(g.runs) for g in venv.slots.pool.groups.values() if g.runs) in (
+            [6],
+            [3, 3],
+        )
+    assert bd.sum() >= n and len(seen) >= 3  # blocks moved on to other tasks at resets
+    # a block's first slot draws its tasks as a separate HPOEnv does: same episodes
+    do, dr, dd, _ = _rollout(_dummy(n, **kw), steps, n)
+    for lead in (0, 3):
+        np.testing.assert_allclose(bo[:, lead], do[:, lead], atol=TOL, rtol=0)
+        np.testing.assert_allclose(br[:, lead], dr[:, lead], atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="runs_per_task must be an int >= 1, got 0"):
+        BatchedVecEnv(2, runs_per_task=0, **kw)
+    with pytest.raises(ValueError, match="runs_per_task groups the slots of a local batched env"):
+        make_vec_env(n_envs=2, backend="dummy", runs_per_task=2, **kw)
+    auto = make_vec_env(n_envs=3, runs_per_task=3, monitor=False, **kw)  # 4 tasks, 3 envs
+    assert isinstance(auto, BatchedVecEnv)

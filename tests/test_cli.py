@@ -76,11 +76,6 @@ CASES = {
         "vec_env must be auto, batched or dummy, got vec_env='subproc' (set --set "
         "vec_env=dummy, or use --executor local)",
     ),
-    "train vec_env=batched with the guard": (
-        ["train", "--out", "{root}/t", "--set", "vec_env=batched"],
-        "the collapse guard restores snapshots, which batched runs cannot take: got "
-        "vec_env='batched' with collapse_k=3 (set --set vec_env=dummy, or --set collapse_k=0)",
-    ),
     "train --executor ray unreachable --address": (
         ["train", "--out", "{root}/t", "--executor", "ray", "--address", "127.0.0.1:1"],
         "--address 127.0.0.1:1: cannot connect to the Ray cluster (nothing answers at 127.0.0.1:1",

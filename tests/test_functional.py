@@ -229,3 +229,105 @@ def test_decoder_lm_matches_the_trainee(task):
         a, b = r.evaluate(), t.evaluate()
         assert a["score"] == pytest.approx(b["score"], abs=1e-6)  # token-weighted accuracy
         assert 0.0 <= a["score"] <= 1.0
+
+
+@pytest.mark.parametrize("family", ["gru", "transformer"])
+def test_snapshot_restore_and_fork_follow_the_trainee(suite, family):
+    # Exact mode: each run has its own dropout stream, so a restored run and a fork
+    # replay the unbatched Trainee's continuation (weights to the family's tolerance).
+    spec = suite.task(FAMILIES[family])
+    hp = {"lr": 3e-3, "batch_size": 32, "dropout": 0.2}
+    group = FunctionalTrainee(spec, exact=True)
+    run, tr = group.add(hp, seed=4), build_trainee(spec, hp, seed=4)
+    for x in (run, tr):
+        x.train(96)
+    snaps = run.snapshot(), tr.snapshot()
+    for x in (run, tr):
+        x.set_hp(lr=1e-2, dropout=0.0)
+        x.train(64)
+        x.restore(snaps[0] if x is run else snaps[1])
+    fork = run.fork(1)[0]
+    got = group.train([(run, 96), (fork, 96)])
+    want = tr.train(96)
+    assert got[0].batch_losses == got[1].batch_losses
+    assert got[0].batch_losses == pytest.approx(want.batch_losses, rel=1e-5)
+    for r in (run, fork):
+        diff = (_flat(r.to_module().parameters()) - _flat(tr.model.parameters())).abs().max()
+        assert float(diff) < WEIGHT_TOL[family]
+    assert run.samples_seen == tr.samples_seen == 256 and fork.samples_seen == 256
+
+
+@pytest.mark.parametrize("family", ["gru", "transformer"])
+def test_evaluation_runs_the_tasks_own_module(suite, family):
+    # Evaluation calls the task's own module run by run (fused GRU, fused attention),
+    # so its outputs equal the Trainee's bitwise; the vmapped copy's attention summed
+    # in another order (1.3e-8 apart on seq-transformer).
+    spec = suite.task(FAMILIES[family])
+    group = FunctionalTrainee(spec)
+    runs = [group.add({"dropout": 0.3}, seed=s) for s in (1, 2)]
+    group.train([(r, 64) for r in runs])
+    x = group.data.x_val
+    P = [torch.stack(ps) for ps in zip(*(r.params for r in runs), strict=True)]
+    out = group.net.forward(P, x, shared=True)
+    for i, (r, ev) in enumerate(zip(runs, group.evaluate(runs), strict=True)):
+        tr = build_trainee(spec, {"dropout": 0.3}, seed=r.seed)
+        group.net.load_into(tr.model, r.params)
+        assert ev == tr.evaluate()
+        with torch.no_grad():
+            assert torch.equal(out[i], tr.model.eval()(x))
+
+
+def test_dropout_modules_need_no_per_op_mode(suite, monkeypatch):
+    # nn.Dropout sites read the run's p themselves, so after the first pass a model
+    # without functional dropout or attention trains without the TorchFunctionMode
+    # (its Python call on every op cost a third of a 5-run GRU step), with the same masks.
+    from rlhpo.trainees.functional import _RunDropout
+
+    spec = suite.task("seq-gru")
+
+    def losses():
+        group = FunctionalTrainee(spec)
+        runs = [group.add({"dropout": p, "batch_size": 32}, seed=0) for p in (0.0, 0.3)]
+        first = [s.train_loss for s in group.train([(r, 64) for r in runs])]
+        calls = []
+        orig = _RunDropout.__torch_function__
+
+        def counted(self, *a, **k):
+            calls.append(1)
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(_RunDropout, "__torch_function__", counted)
+        second = [s.train_loss for s in group.train([(r, 64) for r in runs])]
+        monkeypatch.undo()
+        return first, second, len(calls)
+
+    first, second, calls = losses()
+    assert calls == 0
+    assert first[1] != pytest.approx(first[0], rel=1e-4)  # dropout acted on the second run
+    assert (first, second) == losses()[:2]  # reproducible masks
+
+
+def test_lone_runs_and_lstms_train_through_the_tasks_own_module(monkeypatch):
+    # vmap gains nothing for a lockstep group of one run and the unrolled LSTM loses
+    # to nn.LSTM at every size measured: those train run by run through the fused
+    # module (throughput_guard_families.md), and still match the Trainee.
+    import rlhpo.trainees.functional as functional
+
+    suite = load_suite("default")
+
+    def no_vmap(*a, **k):
+        raise AssertionError("vmap called")
+
+    for task, n_runs in (("gru-00-sequences", 1), ("lstm-00-sequences", 2)):
+        spec = suite.task(task)
+        group = FunctionalTrainee(spec)
+        hp = {"dropout": 0.0, "batch_size": 32}
+        runs = [group.add(hp, seed=s) for s in range(n_runs)]
+        monkeypatch.setattr(functional, "vmap", no_vmap)
+        got = group.train([(r, 96) for r in runs])
+        monkeypatch.undo()
+        for s, (r, st) in enumerate(zip(runs, got, strict=True)):
+            tr = build_trainee(spec, hp, seed=s)
+            assert st.train_loss == pytest.approx(tr.train(96).train_loss, rel=1e-5)
+            diff = (_flat(r.to_module().parameters()) - _flat(tr.model.parameters())).abs().max()
+            assert float(diff) < WEIGHT_TOL["gru"]

@@ -554,12 +554,6 @@ def check_executor(s: PPOSettings, executor: str, address: str | None) -> None:
             f"vec_env must be auto, batched or dummy, got vec_env={s.vec_env!r} "
             "(set --set vec_env=dummy, or use --executor local)"
         )
-    if s.vec_env == "batched" and s.collapse_k > 0:
-        raise ValueError(
-            "the collapse guard restores snapshots, which batched runs cannot take: got "
-            f"vec_env='batched' with collapse_k={s.collapse_k:g} (set --set vec_env=dummy, or "
-            "--set collapse_k=0)"
-        )
 
 
 def _check(s: PPOSettings, timesteps: int) -> None:

@@ -41,6 +41,18 @@ How runs are trained together (:meth:`BatchedTrainee.train`):
   Same distribution, different masks: runs then agree with the unbatched ones
   statistically, not sample by sample.
 
+Going back (:meth:`BatchedRun.snapshot`, :meth:`BatchedRun.restore`,
+:meth:`BatchedRun.fork`): a run's snapshot holds what a Trainee's does (weights,
+optimizer state with Adam's moments and step count, knobs, data order, dropout
+stream), as copies that nothing mutates. A fork adds ``k`` runs to the group
+that continue from the run's current state with the same data order and dropout
+stream (common random numbers); only their knobs then set them apart. One
+exception: the ``torch.func`` backend's fast dropout draws masks from one
+stream per group, so its forks and restores see other masks (same
+distribution); with ``exact=True`` every run has its own stream there too. A
+group caps the bytes its live snapshots hold (``snapshot_cap_bytes``):
+a request past it is a :class:`SnapshotMemoryError`, not an out-of-memory crash.
+
 Supported: ``mlp`` and ``cnn1d`` tasks (:func:`supports_stacked`). Other
 families are batched by the subclass :class:`rlhpo.trainees.functional.FunctionalTrainee`
 (``torch.func``); :func:`supports_batching` covers both.
@@ -50,8 +62,10 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -86,6 +100,62 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 _ADAMW_DECAY = 0.01  # as rlhpo.trainees.trainee.make_optimizer
 _SGD_MOMENTUM = 0.9
+# Bytes of live snapshots one group may hold. The env's collapse guard holds one or
+# two per run (the best state, and the next one while it replaces it): two of each of
+# 32 runs of the largest default-suite model (resmlp, 1.7 MiB) take 107 MiB
+# (experiments/results/branch_cost.md).
+SNAPSHOT_CAP_BYTES = 1 << 30
+
+
+class SnapshotMemoryError(ValueError):
+    """A snapshot would take a group's live snapshots past its ``snapshot_cap_bytes``."""
+
+
+@dataclass(frozen=True, eq=False)
+class RunSnapshot:
+    """Everything a :class:`BatchedRun` needs to continue exactly from a point.
+
+    Its tensors are copies that nothing writes to (restore and fork copy out of
+    them), so deep-copying a snapshot returns it unchanged.
+    """
+
+    group: BatchedTrainee
+    params: tuple[Tensor, ...]
+    state: tuple[Tensor, ...]
+    state2: tuple[Tensor, ...]
+    step: int
+    # Every knob of the space, plus weight decay and momentum where no knob sets them.
+    settings: dict[str, Any]
+    diverged: bool
+    order: dict[str, Any]
+    dropout_rng: Any
+    nbytes: int
+
+    def __deepcopy__(self, memo: dict) -> RunSnapshot:
+        return self
+
+
+def _tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _rng_state(rng: Any) -> Any:
+    """A copy of a run's dropout stream state (torch generator or numpy bit generator)."""
+    return rng.get_state() if isinstance(rng, torch.Generator) else rng.state
+
+
+def _set_rng_state(rng: Any, state: Any) -> None:
+    if isinstance(rng, torch.Generator):
+        rng.set_state(state)
+    else:
+        rng.state = state
+
+
+def _rng_from(rng: Any, state: Any) -> Any:
+    """A new dropout stream of ``rng``'s kind, at ``state``."""
+    new = torch.Generator() if isinstance(rng, torch.Generator) else type(rng)()
+    _set_rng_state(new, state)
+    return new
 
 
 def batchable_optimizer(spec: TaskSpec) -> bool:
@@ -145,10 +215,14 @@ class BatchedRun:
             self.dropout_rng: Any = torch.Generator().manual_seed(self.seed + DROPOUT_SEED_OFFSET)
         else:
             self.dropout_rng = np.random.SFC64(np.random.SeedSequence([self.seed, 1]))
+        # Counters, plain attributes: they keep counting across restore, and callers
+        # that save and restore a whole episode write them back.
         self.samples_seen = 0
         self.optimizer_steps = 0
         self.wall_time = 0.0
         self.released = False
+        # Whether the last interval stopped on a non-finite loss (forks are refused).
+        self.diverged = False
 
     # -- the Trainee interface ----------------------------------------------
     @property
@@ -192,7 +266,84 @@ class BatchedRun:
 
     def state_bytes(self) -> int:
         """Bytes of this run's weights and optimizer state."""
-        return sum(t.numel() * t.element_size() for t in self.params + self.state + self.state2)
+        return _tensor_bytes(self.params + self.state + self.state2)
+
+    # -- going back ---------------------------------------------------------
+    def snapshot_bytes(self) -> int:
+        """Bytes a :meth:`snapshot` of this run takes (weights, optimizer state, data
+        order and dropout stream state)."""
+        order = self.order.state()
+        rng = _rng_state(self.dropout_rng)
+        rng_bytes = _tensor_bytes([rng]) if isinstance(rng, Tensor) else 64
+        return self.state_bytes() + _tensor_bytes([order["gen"], order["perm"]]) + rng_bytes
+
+    def snapshot(self) -> RunSnapshot:
+        """Everything needed to continue this run exactly from here (as
+        ``Trainee.snapshot``). Counts against the group's ``snapshot_cap_bytes``
+        while it is alive; past the cap, a :class:`SnapshotMemoryError`."""
+        self.group._check([self])
+        nbytes = self.snapshot_bytes()
+        self.group._reserve(nbytes)
+        order = self.order.state()
+        settings = {"weight_decay": self.weight_decay, "momentum": self.momentum, **self.hp}
+        snap = RunSnapshot(
+            group=self.group,
+            params=tuple(p.clone() for p in self.params),
+            state=tuple(t.clone() for t in self.state),
+            state2=tuple(t.clone() for t in self.state2),
+            step=self.step,
+            settings=settings,
+            diverged=self.diverged,
+            # perm is replaced at each epoch, never written in place: no copy needed.
+            order=order,
+            dropout_rng=_rng_state(self.dropout_rng),
+            nbytes=nbytes,
+        )
+        weakref.finalize(snap, self.group._free, nbytes)
+        return snap
+
+    def restore(self, snap: RunSnapshot, data: bool = True) -> None:
+        """Go back to ``snap`` (a snapshot of a run of this group), as
+        ``Trainee.restore``: weights, optimizer state and knobs; with ``data`` also the
+        data order and dropout stream. Sample/step/time counters keep counting."""
+        self.group._check([self])
+        if not isinstance(snap, RunSnapshot):
+            raise ValueError(
+                f"restore needs a RunSnapshot from BatchedRun.snapshot, got {type(snap).__name__}"
+            )
+        if snap.group is not self.group:
+            raise ValueError("snapshot was taken in another BatchedTrainee")
+        for dst, src in (
+            (self.params, snap.params),
+            (self.state, snap.state),
+            (self.state2, snap.state2),
+        ):
+            for d, s in zip(dst, src, strict=True):
+                d.copy_(s)
+        self.step = snap.step
+        for k, v in snap.settings.items():
+            setattr(self, k, v)
+        self.diverged = snap.diverged
+        if data:
+            self.order.set_state(snap.order)
+            _set_rng_state(self.dropout_rng, snap.dropout_rng)
+
+    def fork(self, k: int) -> list[BatchedRun]:
+        """``k`` new runs in this group that continue from this run's current state:
+        same weights, optimizer state, knobs, counters, data order and dropout stream.
+        Refused for a diverged run."""
+        return self.group.fork(self, k)
+
+    def _copy(self) -> BatchedRun:
+        new = object.__new__(BatchedRun)
+        new.__dict__.update(self.__dict__)
+        new.params = [p.clone() for p in self.params]
+        new.state = [t.clone() for t in self.state]
+        new.state2 = [t.clone() for t in self.state2]
+        new.order = SampleOrder(self.order.n, 0)
+        new.order.set_state(self.order.state())
+        new.dropout_rng = _rng_from(self.dropout_rng, _rng_state(self.dropout_rng))
+        return new
 
 
 class BatchedTrainee:
@@ -203,9 +354,16 @@ class BatchedTrainee:
         exact: replay the Trainee's dropout masks and Adam arithmetic (slower;
             for checking the batched backend against the unbatched one).
         chunk_elements: activation elements per chunk (cache-sized work units).
+        snapshot_cap_bytes: most bytes the group's live snapshots may hold (None: no cap).
     """
 
-    def __init__(self, spec: TaskSpec, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(
+        self,
+        spec: TaskSpec,
+        exact: bool = False,
+        chunk_elements: int = CHUNK_ELEMENTS,
+        snapshot_cap_bytes: int | None = SNAPSHOT_CAP_BYTES,
+    ):
         if not self.supports(spec):
             raise ValueError(
                 f"task {spec.name!r} cannot be batched by {type(self).__name__}: model "
@@ -214,6 +372,9 @@ class BatchedTrainee:
             )
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+        check_snapshot_cap(snapshot_cap_bytes)
+        self.snapshot_cap_bytes = snapshot_cap_bytes
+        self.live_snapshot_bytes = 0  # held by this group's live snapshots
         self.spec = spec
         self.exact = bool(exact)
         self.chunk_elements = int(chunk_elements)
@@ -251,6 +412,33 @@ class BatchedTrainee:
         run = BatchedRun(self, dict(hp or {}), seed)
         self.runs.add(run)
         return run
+
+    def fork(self, run: BatchedRun, k: int) -> list[BatchedRun]:
+        """``k`` new runs that continue from ``run``'s current state (see
+        :meth:`BatchedRun.fork`); give them different knobs with ``set_hp``."""
+        self._check([run])
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"fork k must be an int >= 1, got {k!r}")
+        if run.diverged:
+            raise ValueError("cannot fork a diverged run: its last interval reported diverged")
+        if not all(bool(torch.isfinite(p).all()) for p in run.params):
+            raise ValueError("cannot fork a diverged run: its weights hold non-finite values")
+        forks = [run._copy() for _ in range(k)]
+        self.runs.update(forks)
+        return forks
+
+    def _reserve(self, nbytes: int) -> None:
+        cap = self.snapshot_cap_bytes
+        if cap is not None and self.live_snapshot_bytes + nbytes > cap:
+            raise SnapshotMemoryError(
+                f"a snapshot of {nbytes} bytes would take this group's snapshots to "
+                f"{self.live_snapshot_bytes + nbytes} bytes, past snapshot_cap_bytes={cap} "
+                f"(task {self.spec.name!r}; release snapshots or raise the cap)"
+            )
+        self.live_snapshot_bytes += nbytes
+
+    def _free(self, nbytes: int) -> None:
+        self.live_snapshot_bytes -= nbytes
 
     def _check(self, runs: Iterable[BatchedRun]) -> None:
         for r in runs:
@@ -358,6 +546,7 @@ class BatchedTrainee:
         alive_set = set(alive)
         for j, r in enumerate(runs):
             diverged = j not in alive_set
+            r.diverged = diverged
             r.samples_seen += done[j]
             r.optimizer_steps += steps[j]
             r.wall_time += dt
@@ -392,6 +581,12 @@ class BatchedTrainee:
             for r in chunk:
                 r.wall_time += dt
         return out
+
+
+def check_snapshot_cap(cap: Any) -> None:
+    """A ``snapshot_cap_bytes`` must be None or an int >= 0."""
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise ValueError(f"snapshot_cap_bytes must be None or an int >= 0, got {cap!r}")
 
 
 class _ChunkOptimizer:

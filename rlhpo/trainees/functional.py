@@ -28,8 +28,14 @@ chunk). Three things make an arbitrary module batchable this way:
   site of a model to the knob. Masks come from one generator per group
   (``vmap(randomness="different")``), seeded deterministically, so they have
   ``nn.Dropout``'s distribution but are not the unbatched run's masks: with
-  dropout > 0 runs agree with unbatched ones statistically. When no run of a
-  chunk uses dropout the mode is off (no per-op Python overhead).
+  dropout > 0 runs agree with unbatched ones statistically. ``nn.Dropout``
+  modules of the called copy read the run's ``p`` themselves
+  (:class:`_SiteDropout`), so the mode, which costs Python time on every op, is
+  entered only for models that call ``F.dropout`` or attention directly.
+- **Evaluation** calls the task's own module run by run (fused GRU/LSTM and
+  attention kernels): faster than the vmapped unrolled copy on every family, and
+  bitwise the Trainee's outputs. So does training where vmap loses: a lockstep
+  group of one run, and every LSTM model.
 - **Buffers** are the template's, shared by all runs (positions ids and the
   like); models whose buffers change while training (batch norm) are refused.
 
@@ -45,6 +51,7 @@ run by run.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -59,6 +66,7 @@ from rlhpo.tasks.spec import TaskSpec
 from rlhpo.trainees import init_model, task_data
 from rlhpo.trainees.batched import (
     CHUNK_ELEMENTS,
+    SNAPSHOT_CAP_BYTES,
     BatchedRun,
     BatchedTrainee,
     batchable_optimizer,
@@ -175,20 +183,22 @@ def _unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def functional_copy(model: nn.Module) -> nn.Module:
+def functional_copy(model: nn.Module, runs: _RunDropout | None = None) -> nn.Module:
     """A copy of ``model`` to call with stacked weights: recurrent layers unrolled
-    (same parameter names), dropout sites at a sentinel p (see module docstring)."""
+    (same parameter names), dropout sites at a sentinel p (see module docstring).
+    With ``runs``, every ``nn.Dropout`` becomes a :class:`_SiteDropout` reading it."""
     why = _unsupported(model)
     if why is not None:
         raise ValueError(f"model cannot be batched with torch.func: {why}")
-    import copy
-
     clone = copy.deepcopy(model)
     for name, m in list(clone.named_modules()):
         if isinstance(m, (nn.GRU, nn.LSTM)):
             parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone
             kind = UnrolledLSTM if isinstance(m, nn.LSTM) else UnrolledGRU
             setattr(parent, name.rpartition(".")[2], kind(m))
+        elif runs is not None and type(m) is nn.Dropout:
+            parent = clone.get_submodule(name.rpartition(".")[0]) if "." in name else clone
+            setattr(parent, name.rpartition(".")[2], _SiteDropout(runs, m.p, m.inplace))
     for p in clone.parameters():
         p.requires_grad_(False)
     return clone
@@ -202,16 +212,25 @@ def _drop(x: Tensor, p: Tensor) -> Tensor:
 
 class _RunDropout(TorchFunctionMode):
     """Replaces every dropout in the forward pass with the current run's ``p``
-    (``p`` None: dropout off), and attention with math that ``vmap`` batches."""
+    (``p`` None: dropout off), and attention with math that ``vmap`` batches.
+
+    ``nn.Dropout`` modules of the called copy are :class:`_SiteDropout`, which read
+    ``p`` here without the mode (``active`` while a vmapped fast pass runs): the
+    mode costs Python time on every op, so it is entered only for models that call
+    ``F.dropout`` or attention themselves (``saw_functional_dropout``,
+    ``saw_attention``, learnt on the first pass, which always enters it)."""
 
     def __init__(self):
         super().__init__()
         self.p: Tensor | None = None
+        self.active = False
         self.saw_attention = False
+        self.saw_functional_dropout = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.dropout:
+            self.saw_functional_dropout = True
             training = kwargs.get("training", args[2] if len(args) > 2 else True)
             return _drop(args[0], self.p) if training and self.p is not None else args[0]
         if func is F.scaled_dot_product_attention:
@@ -252,6 +271,23 @@ class _RunDropout(TorchFunctionMode):
         return (_drop(w, self.p) if dropout_p > 0 and self.p is not None else w) @ v
 
 
+class _SiteDropout(nn.Dropout):
+    """An ``nn.Dropout`` of the called copy: in a vmapped fast pass it drops with the
+    run's own ``p`` from ``runs`` (no per-op mode needed); otherwise (exact mode,
+    one run at a time) it is ``nn.Dropout`` with its own ``p``."""
+
+    def __init__(self, runs: _RunDropout, p: float, inplace: bool):
+        super().__init__(p, inplace)
+        self.runs = runs
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.runs.active:
+            return super().forward(x)
+        if self.training and self.runs.p is not None:
+            return _drop(x, self.runs.p)
+        return x
+
+
 class FunctionalNet:
     """A task's module as a function of stacked weights, with the interface of
     :class:`~rlhpo.trainees.stacked.StackedNet` that the batched backend uses
@@ -267,14 +303,20 @@ class FunctionalNet:
     widest = 1
 
     def __init__(self, template: nn.Module):
-        self.module = functional_copy(template)
+        self._mode = _RunDropout()
+        self.module = functional_copy(template, self._mode)
+        # The task's own module, for evaluation (see forward).
+        self.native = copy.deepcopy(template).eval().requires_grad_(False)
+        # The unrolled LSTM lost to nn.LSTM run by run even at one batch size for all
+        # (4 runs: 0.63x a Trainee; throughput_guard_families.md): never vmap it.
+        self.run_by_run = any(isinstance(m, nn.LSTM) for m in template.modules())
         self.names = [n for n, _ in self.module.named_parameters()]
         self.buffers = dict(self.module.named_buffers())
         self.run_p: Tensor | None = None
         self.run_rngs: list[torch.Generator] | None = None
         self._calls = 0
+        self._dropout_calls = 0
         self.mask_state = torch.Generator().manual_seed(_MASK_SEED).get_state()
-        self._mode = _RunDropout()
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -300,21 +342,35 @@ class FunctionalNet:
             self.module, (dict(zip(self.names, params, strict=True)), self.buffers), (x,)
         )
 
+    def _call_native(self, P: list[Tensor], i: int, x: Tensor) -> Tensor:
+        params = {n: p[i] for n, p in zip(self.names, P, strict=True)}
+        return functional_call(self.native, (params, self.buffers), (x,))
+
     def _call_dropout(self, params: tuple[Tensor, ...], x: Tensor, p: Tensor) -> Tensor:
         self._mode.p = p
         return self._call(params, x)
 
     def _vmapped(self, leaves: tuple[Tensor, ...], x: Tensor, p: Tensor | None, **kw) -> Tensor:
-        # The mode costs Python time on every op: use it only where it acts, for
-        # dropout, or for attention (seen on the first call, which always uses it).
-        if p is None and self._calls > 0 and not self._mode.saw_attention:
-            return vmap(self._call, **kw)(leaves, x)
-        self._calls += 1
-        with self._mode:
-            if p is None:
-                self._mode.p = None
-                return vmap(self._call, **kw)(leaves, x)
-            return vmap(self._call_dropout, **kw)(leaves, x, p)
+        mode = self._mode
+        if p is None:
+            mode.p = None
+            fn, args = self._call, (leaves, x)
+        else:
+            fn, args = self._call_dropout, (leaves, x, p)
+        mode.active = True
+        try:
+            # The mode costs Python time on every op: enter it only where it acts
+            # (learnt on the first call, and on the first with dropout, which some
+            # models only call with p > 0: both always enter it).
+            learnt = self._calls > 0 and (p is None or self._dropout_calls > 0)
+            if learnt and not (mode.saw_attention or mode.saw_functional_dropout):
+                return vmap(fn, **kw)(*args)
+            self._calls += 1
+            self._dropout_calls += p is not None
+            with mode:
+                return vmap(fn, **kw)(*args)
+        finally:
+            mode.active = False
 
     def forward(
         self,
@@ -328,9 +384,16 @@ class FunctionalNet:
         ``[n, *input]`` for every run (evaluation, no dropout, no gradient). With
         ``ctx`` (training) the graph is kept there for :meth:`backward`."""
         if ctx is None:
-            self.module.eval()
             with torch.no_grad():
-                return self._vmapped(tuple(P), x, None, in_dims=(0, None if shared else 0))
+                if shared:
+                    # Run by run through the task's own module (fused GRU/LSTM, fused
+                    # attention): measured faster than the vmapped unrolled copy at 5 and
+                    # 32 runs on every family of the default suite (at 32 runs: GRU 2.1x,
+                    # LSTM 4.9x, encoder 1.1x, decoder 1.3x; vmap's cost grew linearly
+                    # with the runs), and the same kernels as Trainee.evaluate.
+                    return torch.stack([self._call_native(P, i, x) for i in range(len(P[0]))])
+                self.module.eval()
+                return self._vmapped(tuple(P), x, None, in_dims=(0, 0))
         self.module.train()
         leaves = tuple(p.detach().requires_grad_() for p in P)
         p = self.run_p
@@ -339,13 +402,31 @@ class FunctionalNet:
             ctx.append((leaves, out))
             return out.detach()
         dropout = p is not None and bool((p > 0).any())
-        set_dropout(self.module, _SENTINEL_P if dropout else 0.0)
         with torch.random.fork_rng(devices=[]):
             torch.random.set_rng_state(self.mask_state)
-            out = self._vmapped(leaves, x, p if dropout else None, randomness="different")
+            if len(x) == 1 or self.run_by_run:
+                out = self._native_each(leaves, x, p if dropout else None)
+            else:
+                set_dropout(self.module, _SENTINEL_P if dropout else 0.0)
+                out = self._vmapped(leaves, x, p if dropout else None, randomness="different")
             self.mask_state = torch.random.get_rng_state()
         ctx.append((leaves, out))
         return out.detach()
+
+    def _native_each(self, leaves: tuple[Tensor, ...], x: Tensor, p: Tensor | None) -> Tensor:
+        # Run by run through the task's own module (fused kernels), each run's dropout
+        # at its p from the group's mask stream. A lockstep group of one gains nothing
+        # from vmap and loses the fused kernels: measured 0.7x a Trainee on the GRU,
+        # encoder and 2D CNN tasks with mixed batch sizes, ~0.95x this way
+        # (experiments/results/throughput_guard_families.md).
+        self.native.train()
+        outs = []
+        for i in range(len(x)):
+            set_dropout(self.native, float(p[i]) if p is not None else 0.0)
+            params = {n: w[i] for n, w in zip(self.names, leaves, strict=True)}
+            outs.append(functional_call(self.native, (params, self.buffers), (x[i],)))
+        self.native.eval()
+        return torch.stack(outs)
 
     def _forward_each(self, leaves: tuple[Tensor, ...], x: Tensor, p: Tensor | None) -> Tensor:
         # Exact mode: each run alone, its dropout drawn by the module's own dropout
@@ -402,11 +483,14 @@ class FunctionalTrainee(BatchedTrainee):
         exact: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS,
         max_chunk_runs: int = MAX_CHUNK_RUNS,
+        snapshot_cap_bytes: int | None = SNAPSHOT_CAP_BYTES,
     ):
         if max_chunk_runs < 1:
             raise ValueError(f"max_chunk_runs must be >= 1, got {max_chunk_runs}")
         self.max_chunk_runs = int(max_chunk_runs)
-        super().__init__(spec, exact=exact, chunk_elements=chunk_elements)
+        super().__init__(
+            spec, exact=exact, chunk_elements=chunk_elements, snapshot_cap_bytes=snapshot_cap_bytes
+        )
 
     @classmethod
     def supports(cls, spec: TaskSpec) -> bool:
@@ -439,10 +523,14 @@ class FunctionalTrainee(BatchedTrainee):
 
 
 def make_batched_trainee(
-    spec: TaskSpec, exact: bool = False, chunk_elements: int = CHUNK_ELEMENTS
+    spec: TaskSpec,
+    exact: bool = False,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    snapshot_cap_bytes: int | None = SNAPSHOT_CAP_BYTES,
 ) -> BatchedTrainee:
     """The batched backend for ``spec``: hand-written stacked passes for ``mlp``
     and ``cnn1d``, ``torch.func`` for every other supported family."""
-    if supports_stacked(spec):
-        return BatchedTrainee(spec, exact=exact, chunk_elements=chunk_elements)
-    return FunctionalTrainee(spec, exact=exact, chunk_elements=chunk_elements)
+    kind = BatchedTrainee if supports_stacked(spec) else FunctionalTrainee
+    return kind(
+        spec, exact=exact, chunk_elements=chunk_elements, snapshot_cap_bytes=snapshot_cap_bytes
+    )
