@@ -177,7 +177,7 @@ class HPOEnv(gym.Env):
       ``k`` x its noise below its best, the run goes back to its best state, the
       trained lr is capped at half the lr that produced it for the rest of the
       episode, the step's score is the restored one, and ``info["collapse"]`` says
-      why. Needs runs that snapshot (not the batched backend).
+      why. Needs runs that snapshot (every backend's do, the batched ones included).
     - ``obs_version``: the observation encoder, 1 (default; every shipped policy)
       or 2 (:class:`rlhpo.observation.ObservationEncoderV2`: lr relative to the
       start, plus the run's response since the last lr change and the training
@@ -303,8 +303,8 @@ class HPOEnv(gym.Env):
         self._best, self._lr_cap = None, None
         if self.collapse is not None and not hasattr(self.trainee, "snapshot"):
             raise ValueError(
-                "collapse_k needs runs that can be snapshotted; the batched backend's "
-                "cannot (use backend 'dummy' or 'subproc')"
+                f"collapse_k needs runs that can be snapshotted; "
+                f"{type(self.trainee).__name__} has no snapshot()"
             )
         self.history.record(
             val_loss=ev["loss"],
