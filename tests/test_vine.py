@@ -196,3 +196,27 @@ def test_kill_during_branch_collection_resumes_to_the_uninterrupted_policy(tmp_p
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert json.loads((cut / "policy" / "manifest.json").read_text())["resumes"] == 1
+
+
+def test_a_bad_curriculum_fails_before_the_run_folder_is_made(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhpo.cli",
+            "train",
+            "--agent",
+            "vine",
+            "--out",
+            str(out),
+            "--no-wandb",
+            "--set",
+            "curriculum=nope.json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "curriculum file" in r.stderr + r.stdout
+    assert not out.exists()

@@ -123,6 +123,7 @@ class VineSettings(EnvSettings):
         need(self.update_steps >= 1, "update_steps must be >= 1", self.update_steps)
         need(math.isfinite(self.noop_bias), "noop_bias must be a finite number", self.noop_bias)
         need(self.workers >= 1, "workers must be >= 1", self.workers)
+        load_curriculum(self.curriculum, [])  # a missing or malformed file fails here, not mid-run
         need(
             len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
             "hidden must be a list of sizes >= 1",
