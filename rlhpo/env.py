@@ -47,6 +47,8 @@ class EnvConfig:
     timing: bool = False
     lr_scale: tuple[float, float] = (1.0, 1.0)
     collapse_k: float | None = None
+    rollback: bool = False
+    lr_backoff: float = 0.25
     obs_version: int = 1
     base_schedule: BaseSchedule | str | dict | None = None
 
@@ -78,6 +80,10 @@ class EnvConfig:
         if self.collapse_k is not None:
             CollapseRule(float(self.collapse_k))  # checks it
             put("collapse_k", float(self.collapse_k))
+        put("rollback", bool(self.rollback))
+        if not (isinstance(self.lr_backoff, (int, float)) and 0 < self.lr_backoff < 1):
+            raise ValueError(f"lr_backoff must be in (0, 1), got {self.lr_backoff!r}")
+        put("lr_backoff", float(self.lr_backoff))
         try:
             encoder_class(self.obs_version)
         except ValueError as e:
@@ -153,7 +159,9 @@ class HPOEnv(gym.Env):
     (:class:`rlhpo.safety.DivergenceRule`: a non-finite loss, or a training or
     validation loss above ``explode_factor`` x the initial loss): then the
     score counts as chance (0) and ``divergence_penalty`` is subtracted. Never raises
-    on divergence.
+    on divergence. With ``rollback`` a divergence does not end the episode: the run
+    goes back to its last good state, as :class:`rlhpo.controller.Controller` does in
+    a user's loop (see ``rollback`` below).
 
     ## Arguments
     An :class:`EnvConfig` (``config``), and/or its fields as keyword arguments:
@@ -178,6 +186,15 @@ class HPOEnv(gym.Env):
       trained lr is capped at half the lr that produced it for the rest of the
       episode, the step's score is the restored one, and ``info["collapse"]`` says
       why. Needs runs that snapshot (every backend's do, the batched ones included).
+    - ``rollback``: off (False, default) or on: what the
+      :class:`~rlhpo.controller.Controller` does by default in a user's loop. On a
+      divergence the run goes back to its last good interval's model, optimizer and
+      knobs (the data order goes on), the lr becomes that interval's x
+      ``lr_backoff`` (default 0.25; once more for each rollback in a row), the
+      interval is not recorded (the observation is the last good one's), the reward
+      is ``-divergence_penalty`` (less the compute charge), ``info["rollback"]`` says
+      why, and the next step's action is not applied (the Controller makes no
+      decision on a rollback). The episode ends only when the budget is spent.
     - ``obs_version``: the observation encoder, 1 (default; every shipped policy)
       or 2 (:class:`rlhpo.observation.ObservationEncoderV2`: lr relative to the
       start, plus the run's response since the last lr change and the training
@@ -233,6 +250,9 @@ class HPOEnv(gym.Env):
         self.collapse = CollapseRule(cfg.collapse_k) if cfg.collapse_k is not None else None
         self._best: dict[str, Any] | None = None
         self._lr_cap: float | None = None
+        self.rollback, self.lr_backoff = cfg.rollback, cfg.lr_backoff
+        self._good: dict[str, Any] | None = None
+        self._rollbacks, self._hold = 0, False
         self.freeze = cfg.freeze
         self.timing = cfg.timing
         self.encoder_cls = encoder_class(cfg.obs_version)
@@ -301,11 +321,13 @@ class HPOEnv(gym.Env):
         ev = self.trainee.evaluate()
         self._ref_loss = ev["loss"]
         self._best, self._lr_cap = None, None
-        if self.collapse is not None and not hasattr(self.trainee, "snapshot"):
-            raise ValueError(
-                f"collapse_k needs runs that can be snapshotted; "
-                f"{type(self.trainee).__name__} has no snapshot()"
-            )
+        self._good, self._rollbacks, self._hold = None, 0, False
+        for name, on in (("collapse_k", self.collapse is not None), ("rollback", self.rollback)):
+            if on and not hasattr(self.trainee, "snapshot"):
+                raise ValueError(
+                    f"{name} needs runs that can be snapshotted; "
+                    f"{type(self.trainee).__name__} has no snapshot()"
+                )
         self.history.record(
             val_loss=ev["loss"],
             val_score=self._norm(ev["score"]),
@@ -313,6 +335,7 @@ class HPOEnv(gym.Env):
             hp=self.hp,
             budget_fraction=0.0,
         )
+        self._keep_good(ev)
         return self.encoder.encode(self.history), self._info(ev, None, diverged=False)
 
     def _make_trainee(self, task: TaskSpec, hp: dict[str, Any], seed: int) -> Trainee:
@@ -361,7 +384,11 @@ class HPOEnv(gym.Env):
         if self.trainee is None:
             raise RuntimeError("call reset() before step()")
         task, tr = self.spec_task, self.trainee
-        hp = self.codec.decode(action, self.hp)
+        if self._hold:  # the interval after a rollback trains at the backed-off lr
+            self._hold = False
+            hp = self.hp
+        else:
+            hp = self.codec.decode(action, self.hp)
         if self._lr_cap is not None:  # after a collapse (the lr as the policy sees it)
             hp[LR.name] = min(hp[LR.name], self._lr_cap)
         n = min(task.interval_samples, task.budget_samples - tr.samples_seen)
@@ -387,6 +414,8 @@ class HPOEnv(gym.Env):
         charge = (
             self.compute_penalty * max(0.0, stats.steps / max(static, 1) - 1.0) / task.intervals
         )
+        if diverged and self.rollback:
+            return self._roll_back(reason, charge)
         if diverged:
             score = 0.0
             reward = (score - prev_score) - self.divergence_penalty - charge
@@ -408,12 +437,41 @@ class HPOEnv(gym.Env):
             batch_losses=stats.batch_losses,
         )
         terminated = diverged or tr.samples_seen >= task.budget_samples
+        if not diverged:
+            self._keep_good(ev)
         obs = self.encoder.encode(self.history)
         info = self._info(ev, stats, diverged=diverged)
         info["compute_charge"] = charge
         if collapse is not None:
             info["collapse"] = collapse
         return obs, float(reward), bool(terminated), False, info
+
+    def _keep_good(self, ev: dict[str, float]) -> None:
+        """With ``rollback``: the state a divergence goes back to (the last good interval's)."""
+        if self.rollback:
+            self._rollbacks = 0
+            self._good = {"snap": self.trainee.snapshot(), "hp": self.hp, "ev": dict(ev)}
+
+    def _roll_back(self, reason: str, charge: float):
+        """A divergence with ``rollback``: back to the last good state at a lower lr,
+        as the Controller does (:meth:`rlhpo.controller.Controller.step`)."""
+        tr, task, good = self.trainee, self.spec_task, self._good
+        tr.restore(good["snap"], data=False)
+        self._rollbacks += 1
+        lr = float(task.space.clip(LR.name, good["hp"][LR.name] * self.lr_backoff**self._rollbacks))
+        if self._level is not None:  # info's lr_in_force: what the next interval trains at
+            self._level = lr
+            n = max(min(task.interval_samples, task.budget_samples - tr.samples_seen), 1)
+            lr = self.base.lr(lr, tr.samples_seen, n, task.budget_samples)
+        tr.set_hp(**{LR.name: lr * self._lr_c})
+        self._hold = True
+        ev = dict(good["ev"])
+        obs = self.encoder.encode(self.history)
+        info = self._info(ev, None, diverged=False)
+        info["compute_charge"] = charge
+        info["rollback"] = reason
+        done = tr.samples_seen >= task.budget_samples
+        return obs, float(-self.divergence_penalty - charge), bool(done), False, info
 
     def _watch_collapse(self, score: float, ev: dict[str, float]) -> str | None:
         """Keep the best state; on a collapse restore it and cap the lr. Returns why."""
@@ -482,6 +540,8 @@ class HPOEnv(gym.Env):
             "history": copy.deepcopy(self.history),
             "level": self._level,
             "lr_cap": self._lr_cap,
+            "good": None if self._good is None else dict(self._good),
+            "rollbacks": (self._rollbacks, self._hold),
             # The best snapshot is never modified in place (restore copies it).
             "best": None if self._best is None else dict(self._best),
             "interval": self.interval,
@@ -499,6 +559,8 @@ class HPOEnv(gym.Env):
         self.history = copy.deepcopy(state["history"])
         self._level, self._lr_cap = state["level"], state["lr_cap"]
         self._best = None if state["best"] is None else dict(state["best"])
+        self._good = None if state["good"] is None else dict(state["good"])
+        self._rollbacks, self._hold = state["rollbacks"]
         self.interval, self.static_steps = state["interval"], state["static_steps"]
         # knobs: restore() wrote all but the lr, which the optimizer's state carries.
 

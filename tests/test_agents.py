@@ -118,6 +118,7 @@ def test_ppo_run_logs_to_jsonl_and_wandb_offline(tmp_path, monkeypatch):
         "lr_scale": [1.0, 1.0],
         "obs_version": 1,
         "collapse_k": None,
+        "rollback": False,
         "base_schedule": None,
     }
     assert m["train_wall_time_s"] > 0 and np.isfinite(m["mean_return"])

@@ -47,6 +47,9 @@ class EnvSettings:
     collapse_k: float = 0.0
     """The do-no-harm guard during training (:class:`rlhpo.safety.CollapseRule`'s k;
     0 = off), so the policy learns with it; the policy file records it."""
+    rollback: bool = False
+    """On a divergence go back to the last good state at a quarter of the lr and train
+    on, as the Controller does in use (see HPOEnv), instead of ending the episode."""
     base_schedule: str = "none"
     """``"none"`` or ``"warmup-cosine"``: residual control over the schedule tuned on
     the suite's train split (see :mod:`rlhpo.residual`); the policy file records it."""
@@ -82,6 +85,7 @@ class EnvSettings:
             lr_scale=tuple(self.lr_scale),
             obs_version=self.obs_version,
             collapse_k=self.collapse_k if self.collapse_k > 0 else None,
+            rollback=self.rollback,
             base_schedule=self.base_schedule,
             timing=True,
         )
@@ -100,5 +104,6 @@ class EnvSettings:
             "lr_scale": list(self.lr_scale),
             "obs_version": self.obs_version,
             "collapse_k": config.collapse_k,
+            "rollback": config.rollback,
             "base_schedule": None if base is None else base.to_json(),
         }

@@ -153,20 +153,32 @@ class PolicyMethod(Method):
             overrides["base_schedule"] = overrides["base_schedule"].with_peak(
                 self.base_peak, self.peak_factor
             )
-        env = HPOEnv(suite, split="train", freeze=freeze, timing=True, collapse_k=k, **overrides)
+        # rollback: what the Controller does in a user's loop (a divergence goes back to
+        # the last good state at a quarter of the lr); a run ends only at its budget.
+        env = HPOEnv(
+            suite,
+            split="train",
+            freeze=freeze,
+            timing=True,
+            collapse_k=k,
+            rollback=True,
+            **overrides,
+        )
         preload(spec)
         hp = start_hp(spec, cell.start)
         t0 = time.perf_counter()
         obs, info = env.reset(seed=cell.seed, options={"task": spec.name, "hp": hp})
         trace = [_env_row(info, t0)]
-        done, collapses, moves, decisions = False, 0, 0, 0
+        done, collapses, rollbacks, moves, decisions = False, 0, 0, 0, 0
         while not done:
             action = policy.act(obs)
-            moves += tuple(int(v) for v in action) != tuple(env.codec.noop)
-            decisions += 1
+            if "rollback" not in info:  # after a rollback no decision is made (as the Controller)
+                moves += tuple(int(v) for v in action) != tuple(env.codec.noop)
+                decisions += 1
             obs, _, term, trunc, info = env.step(action)
             trace.append(_env_row(info, t0))
             collapses += "collapse" in info
+            rollbacks += "rollback" in info
             done = term or trunc
         wall = time.perf_counter() - t0
         train_time = env.trainee.wall_time
@@ -187,7 +199,13 @@ class PolicyMethod(Method):
             intervals=info["interval"],
             trace=trace,
         )
-        detail = {"guard": guard, "collapses": collapses, "moves": moves, "decisions": decisions}
+        detail = {
+            "guard": guard,
+            "collapses": collapses,
+            "rollbacks": rollbacks,
+            "moves": moves,
+            "decisions": decisions,
+        }
         return CellRun(out, detail=detail)
 
 
