@@ -12,7 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from rlhpo.actions import ActionCodec
-from rlhpo.knobs import BATCH_SIZE, LR, check_knob
+from rlhpo.knobs import BATCH_SIZE, LR, SearchSpace, check_knob
 from rlhpo.observation import (
     MetricHistory,
     ObservationEncoder,
@@ -272,6 +272,7 @@ class HPOEnv(gym.Env):
         self.static_steps = 0
         self._ref_loss = 0.0
         self.spec_task: TaskSpec | None = None
+        self.space: SearchSpace | None = None  # the episode's space of the lr the policy sets
         self.trainee: Trainee | None = None
 
     # ------------------------------------------------------------------
@@ -290,10 +291,6 @@ class HPOEnv(gym.Env):
             )
         task = self.tasks[name]
         start = self._start_hp(task, options)
-        if self.base is not None:  # the residual policy owns the lr: its level starts at the peak
-            level = self.base.start_level(task.optimizer, start[LR.name])  # tuned, or user x f
-            start = {**start, LR.name: task.space.clip(LR.name, level)}
-        self._level = float(start[LR.name]) if self.base is not None else None
         lo, hi = self.lr_scale
         if "lr_scale" in options:  # pinned by the caller (a curriculum, a regret grid)
             c = options["lr_scale"]
@@ -309,11 +306,18 @@ class HPOEnv(gym.Env):
         else:
             c = lo
         self._lr_c = c
+        # The lr the policy sets and sees is the trained one / c: its bounds are the
+        # space's / c, so that every lr of the space stays reachable whatever c is.
+        self.space = lr_scaled_space(task.space, c)
+        if self.base is not None:  # the residual policy owns the lr: its level starts at the peak
+            level = self.base.start_level(task.optimizer, start[LR.name])  # tuned, or user x f
+            start = {**start, LR.name: self.space.clip(LR.name, level)}
+        self._level = float(start[LR.name]) if self.base is not None else None
         self.spec_task = task
         lr = LR.name
         self.trainee = self._make_trainee(task, {**start, lr: start[lr] * c}, run_seed)
         self.encoder = self.encoder_cls(task.space)
-        self.codec = ActionCodec(task.space, freeze=self.freeze)
+        self.codec = ActionCodec(self.space, freeze=self.freeze)
         self.history = MetricHistory()
         self.n_classes = self.trainee.data.n_classes
         self.interval = 0
@@ -458,7 +462,7 @@ class HPOEnv(gym.Env):
         tr, task, good = self.trainee, self.spec_task, self._good
         tr.restore(good["snap"], data=False)
         self._rollbacks += 1
-        lr = float(task.space.clip(LR.name, good["hp"][LR.name] * self.lr_backoff**self._rollbacks))
+        lr = float(self.space.clip(LR.name, good["hp"][LR.name] * self.lr_backoff**self._rollbacks))
         if self._level is not None:  # info's lr_in_force: what the next interval trains at
             self._level = lr
             n = max(min(task.interval_samples, task.budget_samples - tr.samples_seen), 1)
@@ -572,6 +576,18 @@ class HPOEnv(gym.Env):
         if self.trainee is None:
             raise RuntimeError("call reset() before test_score()")
         return self.trainee.evaluate("test")
+
+
+def lr_scaled_space(space: SearchSpace, c: float) -> SearchSpace:
+    """``space`` with its lr bounds divided by ``c``: the bounds of the lr a policy sets
+    in an episode whose runs train at ``c`` x that lr (``lr_scale``). Before this the
+    policy's lr was clipped to the space itself, so at c = 1/4 a run whose level sat
+    at the space's top (the SGD peak, 0.1) trained at a quarter of it and no move could
+    raise it: the branch data of issue #22 scored every raise there 0."""
+    if c == 1.0:
+        return space
+    lo, hi = space.bounds(LR.name)
+    return SearchSpace({**{n: space.bounds(n) for n in space.names}, LR.name: (lo / c, hi / c)})
 
 
 def run_seed_for(seed: int) -> int:

@@ -168,3 +168,24 @@ def test_recipes_take_rollback_and_refuse_a_bad_value():
     assert not load_settings("vine").env_config("default").rollback  # the shipped recipe's
     with pytest.raises(ValueError, match="rollback must be true or false, got 3"):
         load_settings("vine", overrides=["rollback=3"])
+
+
+def test_with_an_lr_factor_every_lr_of_the_space_stays_reachable():
+    """At lr_scale 1/4 a run whose level starts at the space's top (the SGD peak 0.1)
+    trained at 0.025 and no move could raise it (issue #22's branch data scored every
+    raise there 0); the policy's lr bounds are the space's / c now."""
+    cfg = load_settings("vine").env_config("default")
+    env = HPOEnv(EnvConfig.of(cfg, budget_scale=0.05, tasks=["decoder-00-lm_reverse"]))
+    _, info = env.reset(seed=0, options={"lr_scale": 0.25})
+    assert info["hp"]["lr"] == pytest.approx(0.1)  # the SGD peak, the space's top
+    up = np.array(env.codec.noop)
+    up[0] = 4  # lr x4
+    _, _, _, _, info = env.step(up)
+    assert info["hp"]["lr"] == pytest.approx(0.4)  # visible level; the run trains at 0.1
+    assert env.trainee.hp["lr"] <= 0.1 + 1e-12
+    _, _, _, _, info = env.step(up)
+    assert info["hp"]["lr"] == pytest.approx(0.4)  # the space's top / c: no higher
+    # Without a factor nothing changes: the level stays within the space.
+    _, info = env.reset(seed=0, options={"lr_scale": 1.0})
+    _, _, _, _, info = env.step(up)
+    assert info["hp"]["lr"] == pytest.approx(0.1)
