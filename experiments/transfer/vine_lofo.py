@@ -17,6 +17,13 @@ the prior's recorded observations; only runs it would change are trained again.
         runs/vine-s0/branches.jsonl runs/vine-s1/branches.jsonl runs/vine-s2/branches.jsonl
     python experiments/transfer/vine_lofo.py --report     # rewrite vine_lofo.md only
 
+``--setting`` evaluates the same fold policies in another setting, reported beside
+the committed one (the pick is made on the committed setting only): ``rollback``
+runs every variant with the Controller's rollback on divergence (what a user's loop
+does; ``rlhpo compare`` runs policies so), and ``rollback-x0.25`` / ``rollback-x4``
+add a pinned lr factor: the prior's peak is then 4x too low or too high for every
+task, the failures a learned policy should fix (``vine_lofo_<setting>.md``).
+
 The selection rule is in ``vine_variants.toml``, committed before any test-split run.
 """
 
@@ -28,6 +35,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -37,7 +45,31 @@ import numpy as np
 import tomllib
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "vine_lofo"
+#: The evaluation setting (``--setting``; an environment variable so that the worker
+#: processes see it): "" is the committed one (no rollback, lr factor 1).
+SETTING = os.environ.get("RLHPO_LOFO_SETTING", "")
+SETTINGS = {"": (False, 1.0), "rollback": (True, 1.0)}
+SETTINGS |= {f"rollback-x{c:g}": (True, c) for c in (0.25, 4.0)}
+OUT = HERE / ("vine_lofo" + (f"_{SETTING}" if SETTING else ""))
+#: ``--pilot PATH``: one collection made after a change to the env, fitted with the
+#: shipped recipe (training seed 0 only: a pilot, never eligible for the selection).
+PILOT = os.environ.get("RLHPO_LOFO_PILOT", "")
+if PILOT:
+    OUT = OUT.with_name(OUT.name + "_pilot")
+PILOT_VARIANTS = [
+    {"name": "prior", "kind": "prior", "change": "as in vine_variants.toml"},
+    {
+        "name": "vine-c05-pilot",
+        "kind": "vine",
+        "data": "own",
+        "set": [],
+        "train_seeds": [0],
+        "change": "the shipped recipe (vine-c05), fitted on one collection made with the "
+        "env's lr bounds divided by the episode's lr factor (every lr of the space "
+        "reachable; before, a level at the space's top could not be raised): "
+        "`rlhpo train --agent vine --seed 0` after that change. One training seed: a pilot.",
+    },
+]
 EVAL_SEEDS = (0, 1, 2)
 FIELDS = [
     "variant",
@@ -58,7 +90,8 @@ def env_config():
     from rlhpo.env import EnvConfig
 
     cfg = load_settings("vine").env_config("default")
-    return EnvConfig.of(cfg, budget_scale=1.0, lr_scale=(1.0, 1.0), timing=False)
+    rollback, c = SETTINGS[SETTING]
+    return EnvConfig.of(cfg, budget_scale=1.0, lr_scale=(c, c), timing=False, rollback=rollback)
 
 
 _ENV = {}
@@ -103,6 +136,8 @@ def run_episode(task: str, seed: int, policy=None) -> dict:
 
 # ----------------------------------------------------------------------------- policies
 def load_variants() -> tuple[list[dict], dict]:
+    if PILOT:
+        return PILOT_VARIANTS, {}
     raw = tomllib.loads((HERE / "vine_variants.toml").read_text())
     return raw["variant"], raw
 
@@ -166,7 +201,12 @@ def _row(variant, fold, tseed, task, eseed, final, moves, fracs, seconds):
     }
 
 
-def evaluate(branches: list[Path] | None, jobs: int) -> None:
+def evaluate(
+    branches: list[Path] | None,
+    jobs: int,
+    only: list[str] | None = None,
+    fixed: list[Path] | None = None,
+) -> None:
     from rlhpo.agents.vine import read_branches
     from rlhpo.tasks import load_suite
 
@@ -193,7 +233,13 @@ def evaluate(branches: list[Path] | None, jobs: int) -> None:
         eps = read_branches(path)
         collections.append([dict(e, index=(k, e["index"])) for e in eps])
     pooled = [e for c in collections for e in c]
+    # ``data = "own-fixed"``: the collections made after the lr-bounds change (--branches-fixed).
+    fixed_collections = [
+        [dict(e, index=(k, e["index"])) for e in read_branches(path)]
+        for k, path in enumerate(fixed or [])
+    ]
     variants, _ = load_variants()
+    variants = [v for v in variants if only is None or v["name"] in only]
     rows, reruns = [], []
     for v in variants:
         for fam, tasks in folds.items():
@@ -207,6 +253,10 @@ def evaluate(branches: list[Path] | None, jobs: int) -> None:
                     pol = rescue_rule(**v.get("rule", {}))
                 elif v["data"] == "own":  # the training seed's own collection
                     pol = fit(collections[tseed], fam, tseed, v.get("set", []), False)
+                elif v["data"] == "own-fixed":
+                    if tseed >= len(fixed_collections):
+                        raise SystemExit(f"{v['name']} needs --branches-fixed for seed {tseed}")
+                    pol = fit(fixed_collections[tseed], fam, tseed, v.get("set", []), False)
                 else:  # every collection, resampled per training seed
                     pol = fit(pooled, fam, tseed, v.get("set", []), True)
                 for t in tasks:
@@ -245,6 +295,10 @@ def evaluate(branches: list[Path] | None, jobs: int) -> None:
             rows.append(r)
             if i % 10 == 0:
                 print(f"rerun {i + 1}/{len(reruns)}", flush=True)
+    if only is not None and (OUT / "results.csv").is_file():  # keep the other variants' rows
+        done = {v["name"] for v in variants}
+        old = list(csv.DictReader((OUT / "results.csv").open()))
+        rows += [r for r in old if r["variant"] not in done]
     with (OUT / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, FIELDS)
         w.writeheader()
@@ -260,6 +314,7 @@ def evaluate(branches: list[Path] | None, jobs: int) -> None:
 def report() -> str:
     rows = list(csv.DictReader((OUT / "results.csv").open()))
     variants, raw = load_variants()
+    variants = [v for v in variants if any(r["variant"] == v["name"] for r in rows)]
     folds = sorted({r["fold"] for r in rows})
     # variant -> seed -> fold -> mean final
     cell: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -335,13 +390,29 @@ def report() -> str:
                 f"{len(rs)} runs) | {counts} | "
                 f"{statistics.median(fr) if fr else float('nan'):.2f} |"
             )
+    rollback, c = SETTINGS[SETTING]
+    setting = (
+        ""
+        if not SETTING
+        else f"**Setting `{SETTING}`** (`--setting {SETTING}`): every run with the "
+        "Controller's rollback on divergence"
+        + (f", and the prior's peak x{c:g} (a pinned lr factor)" if c != 1 else "")
+        + ". Reported beside the committed setting (`vine_lofo.md`); the pick is made "
+        "there only, so the selection line below is for reference.\n\n"
+    )
+    if PILOT:
+        setting += (
+            f"**Pilot** (`--pilot {PILOT}`): one collection after the lr-bounds change, "
+            "training seed 0 only; not eligible for the selection.\n\n"
+        )
     text = (
         "# Leave-one-family-out validation of the vine policy (issue #22)\n\n"
-        "`python experiments/transfer/vine_lofo.py --jobs 2 --branches runs/vine-s{0,1,2}/"
+        + setting
+        + "`python experiments/transfer/vine_lofo.py --jobs 2 --branches runs/vine-s{0,1,2}/"
         "branches.jsonl` (the branch data of `rlhpo train --agent vine --seed K`, K = 0, 1, "
         "2). Each cell: the "
         "final normalised validation score on the fold family's train-split instances (eval "
-        "seeds 0-2, start default, full budget, no lr factor), mean over tasks x seeds. A "
+        "seeds 0-2, start default, full budget), mean over tasks x seeds. A "
         "vine fold policy is fitted on the other families' branch episodes only: a `data = "
         "own` variant's training seed K uses collection K (its own seed's run), a `data = "
         "pool` variant's uses all three collections, bootstrap-resampled under K. The test "
@@ -358,7 +429,9 @@ def report() -> str:
         + "\n".join(f"- **{v['name']}**: {v['change']}" for v in variants)
         + "\n"
     )
-    (HERE / "vine_lofo.md").write_text(text)
+    (HERE / f"{OUT.name}.md").write_text(text)
+    if SETTING:
+        return text
     plot_decisions(rows, [v["name"] for v in variants if v["kind"] != "prior"], folds)
     (OUT / "selection.json").write_text(
         json.dumps({"pick": pick, "summary": summary}, indent=1) + "\n"
@@ -428,14 +501,31 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--prior-only", action="store_true", help="only the prior's runs")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="")
+    ap.add_argument("--variants", help="comma-separated variant names (default: all)")
+    ap.add_argument("--pilot", default="", help="branches.jsonl of a pilot collection")
+    ap.add_argument(
+        "--branches-fixed",
+        type=Path,
+        nargs="+",
+        help="branches.jsonl of the collections made after the lr-bounds change, seeds 0-2",
+    )
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.setting != SETTING or a.pilot != PILOT:  # read at import, also by the workers
+        os.environ["RLHPO_LOFO_SETTING"] = a.setting
+        os.environ["RLHPO_LOFO_PILOT"] = a.pilot
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if a.prior_only:
         return evaluate(None, a.jobs)
+    if a.pilot and not a.report:
+        a.branches = [Path(a.pilot)]
     if not a.report:
         if a.branches is None:
             raise SystemExit("--branches PATH (a vine run's branches.jsonl) is needed")
-        evaluate(a.branches, a.jobs)
+        evaluate(
+            a.branches, a.jobs, a.variants.split(",") if a.variants else None, a.branches_fixed
+        )
     print(report())
 
 
