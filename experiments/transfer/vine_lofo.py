@@ -409,8 +409,10 @@ def report() -> str:
         "# Leave-one-family-out validation of the vine policy (issue #22)\n\n"
         + setting
         + "`python experiments/transfer/vine_lofo.py --jobs 2 --branches runs/vine-s{0,1,2}/"
-        "branches.jsonl` (the branch data of `rlhpo train --agent vine --seed K`, K = 0, 1, "
-        "2). Each cell: the "
+        "branches.jsonl --branches-fixed runs/vine-fix-s{0,1,2}/branches.jsonl` (the branch "
+        "data of `rlhpo train --agent vine --seed K`, K = 0, 1, 2, before and after the "
+        "lr-bounds fix of session 6; `--variants` runs some variants and keeps the other "
+        "rows). Each cell: the "
         "final normalised validation score on the fold family's train-split instances (eval "
         "seeds 0-2, start default, full budget), mean over tasks x seeds. A "
         "vine fold policy is fitted on the other families' branch episodes only: a `data = "
