@@ -189,3 +189,41 @@ def test_with_an_lr_factor_every_lr_of_the_space_stays_reachable():
     _, info = env.reset(seed=0, options={"lr_scale": 1.0})
     _, _, _, _, info = env.step(up)
     assert info["hp"]["lr"] == pytest.approx(0.1)
+
+
+def test_batched_vec_env_rolls_back_as_the_env_does():
+    """The batched backend (exact mode) shares the env's step: the same rollbacks and
+    final scores as one HPOEnv per seed."""
+    from rlhpo.vec_env import make_vec_env
+
+    cfg = EnvConfig.of(
+        load_settings("vine").env_config("default"),
+        budget_scale=1.0,
+        lr_scale=(1.0, 1.0),
+        tasks=[TASK],
+        rollback=True,
+        timing=False,
+    )
+    venv = make_vec_env(cfg, n_envs=2, seed=0, backend="batched", exact=True, monitor=False)
+    venv.reset()
+    keep = np.array([[2, 1, 1]] * 2)
+    finals, rollbacks = {}, [0, 0]
+    while len(finals) < 2:
+        _, _, dones, infos = venv.step(keep)
+        for i, (d, info) in enumerate(zip(dones, infos, strict=True)):
+            if i not in finals:
+                rollbacks[i] += "rollback" in info
+                if d:
+                    finals[i] = info["val_norm_score"]
+    venv.close()
+    env = HPOEnv(cfg)
+    for seed in (0, 1):
+        env.reset(seed=seed)
+        n, done = 0, False
+        while not done:
+            _, _, term, trunc, info = env.step(np.array([2, 1, 1]))
+            n += "rollback" in info
+            done = term or trunc
+        assert finals[seed] == pytest.approx(info["val_norm_score"], abs=1e-6)
+        assert rollbacks[seed] == n
+    assert sum(rollbacks) >= 1
