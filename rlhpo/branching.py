@@ -8,8 +8,8 @@ difference of two branches' returns is what their first actions changed, not the
 luck of the draw: an advantage estimate with far less variance than whole-episode
 returns. The env is left at the state it was in.
 
-A branch that diverges ends with the env's divergence penalty, like any episode;
-it never raises.
+A branch that diverges ends with the env's divergence penalty, like any episode
+(with the env's ``rollback`` it pays the penalty and trains on); it never raises.
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ class EnvConfig:
         if self.collapse_k is not None:
             CollapseRule(float(self.collapse_k))  # checks it
             put("collapse_k", float(self.collapse_k))
-        put("rollback", bool(self.rollback))
+        if not isinstance(self.rollback, bool):
+            raise ValueError(f"rollback must be true or false, got {self.rollback!r}")
         if not (isinstance(self.lr_backoff, (int, float)) and 0 < self.lr_backoff < 1):
             raise ValueError(f"lr_backoff must be in (0, 1), got {self.lr_backoff!r}")
         put("lr_backoff", float(self.lr_backoff))
@@ -454,7 +455,11 @@ class HPOEnv(gym.Env):
         """With ``rollback``: the state a divergence goes back to (the last good interval's)."""
         if self.rollback:
             self._rollbacks = 0
-            self._good = {"snap": self.trainee.snapshot(), "hp": self.hp, "ev": dict(ev)}
+            best = self._best  # taken this interval: the same state (snapshots are never
+            # modified in place), so the guard's copy serves both
+            fresh = best is not None and best["interval"] == self.interval
+            snap = best["snap"] if fresh else self.trainee.snapshot()
+            self._good = {"snap": snap, "hp": self.hp, "ev": dict(ev)}
 
     def _roll_back(self, reason: str, charge: float):
         """A divergence with ``rollback``: back to the last good state at a lower lr,
@@ -497,6 +502,7 @@ class HPOEnv(gym.Env):
                 "score": score,
                 "lr_at_best": self.hp[LR.name],
                 "ev": dict(ev),
+                "interval": self.interval,
             }
         return None
 
@@ -587,7 +593,13 @@ def lr_scaled_space(space: SearchSpace, c: float) -> SearchSpace:
     if c == 1.0:
         return space
     lo, hi = space.bounds(LR.name)
-    return SearchSpace({**{n: space.bounds(n) for n in space.names}, LR.name: (lo / c, hi / c)})
+    ok_lo, ok_hi = LR.limits  # what any space may hold: an extreme c stops at them
+
+    def clamp(v: float) -> float:
+        return min(max(v, ok_lo), ok_hi)
+
+    bounds = {n: space.bounds(n) for n in space.names}
+    return SearchSpace({**bounds, LR.name: (clamp(lo / c), clamp(hi / c))})
 
 
 def run_seed_for(seed: int) -> int:

@@ -227,3 +227,14 @@ def test_batched_vec_env_rolls_back_as_the_env_does():
         assert finals[seed] == pytest.approx(info["val_norm_score"], abs=1e-6)
         assert rollbacks[seed] == n
     assert sum(rollbacks) >= 1
+
+
+def test_rollback_must_be_a_bool_and_extreme_lr_factors_stay_within_the_knob_limits():
+    with pytest.raises(ValueError, match="rollback must be true or false, got 'no'"):
+        HPOEnv("default", rollback="no")
+    for c in (1e-9, 1e4):  # space / c would leave the lr knob's limits [1e-8, 10]
+        env = HPOEnv("default", budget_scale=0.05, lr_scale=(c, c))
+        env.reset(seed=0)
+        lo, hi = env.space.bounds("lr")
+        assert 1e-8 <= lo <= hi <= 10.0
+        env.step(env.codec.noop)

@@ -201,19 +201,7 @@ def test_kill_during_branch_collection_resumes_to_the_uninterrupted_policy(tmp_p
 def test_a_bad_curriculum_fails_before_the_run_folder_is_made(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlhpo.cli",
-            "train",
-            "--agent",
-            "vine",
-            "--out",
-            str(out),
-            "--no-wandb",
-            "--set",
-            "curriculum=nope.json",
-        ],
+        _train(out, ["--set", "curriculum=nope.json"]),  # the last --set wins
         capture_output=True,
         text=True,
         timeout=120,

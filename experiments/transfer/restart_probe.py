@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--at", type=float, default=0.25, help="budget fraction of the probe")
     a = ap.parse_args()
+    if not 0 < a.at < 1:
+        raise SystemExit(f"--at must be a budget fraction in (0, 1), got {a.at}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from rlhpo.tasks import load_suite
 

@@ -50,6 +50,8 @@ HERE = Path(__file__).resolve().parent
 SETTING = os.environ.get("RLHPO_LOFO_SETTING", "")
 SETTINGS = {"": (False, 1.0), "rollback": (True, 1.0)}
 SETTINGS |= {f"rollback-x{c:g}": (True, c) for c in (0.25, 4.0)}
+if SETTING not in SETTINGS:
+    raise SystemExit(f"RLHPO_LOFO_SETTING must be one of {sorted(SETTINGS)}, got {SETTING!r}")
 OUT = HERE / ("vine_lofo" + (f"_{SETTING}" if SETTING else ""))
 #: ``--pilot PATH``: one collection made after a change to the env, fitted with the
 #: shipped recipe (training seed 0 only: a pilot, never eligible for the selection).
@@ -513,6 +515,16 @@ def main() -> None:
         help="branches.jsonl of the collections made after the lr-bounds change, seeds 0-2",
     )
     a = ap.parse_args()
+    for path in [*(a.branches or []), *(a.branches_fixed or []), *([a.pilot] if a.pilot else [])]:
+        if not Path(path).is_file():
+            raise SystemExit(f"branch data must be a branches.jsonl file, got {str(path)!r}")
+    only = a.variants.split(",") if a.variants else None
+    names = [v["name"] for v in load_variants()[0]]
+    bad = sorted(set(only or []) - set(names))
+    if bad:
+        raise SystemExit(
+            f"--variants must name variants of vine_variants.toml ({names}), got {bad}"
+        )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if a.setting != SETTING or a.pilot != PILOT:  # read at import, also by the workers
         os.environ["RLHPO_LOFO_SETTING"] = a.setting
@@ -525,9 +537,7 @@ def main() -> None:
     if not a.report:
         if a.branches is None:
             raise SystemExit("--branches PATH (a vine run's branches.jsonl) is needed")
-        evaluate(
-            a.branches, a.jobs, a.variants.split(",") if a.variants else None, a.branches_fixed
-        )
+        evaluate(a.branches, a.jobs, only, a.branches_fixed)
     print(report())
 
 
