@@ -85,6 +85,32 @@ def test_importance_weights_give_back_the_target_distribution():
     assert Curriculum.build(["a"], (1.0, 1.0), 0.3, rows).weight("a", 1.0) == 1.0
 
 
+def test_unscaled_share_puts_that_mass_of_the_target_at_factor_one():
+    rows = [("a", 0.25, 1.0), ("a", 1.0, 0.1), ("b", 4.0, 0.5)]
+    cur = Curriculum.build(["a", "b"], (0.25, 4.0), 0.4, rows, unscaled_share=0.5)
+    rng = np.random.default_rng(1)
+    draws = [cur.draw(rng) for _ in range(40000)]
+    w = np.array([cur.weight(t, c) for t, c in draws])
+    one = np.array([c == 1.0 for _, c in draws])
+    assert one.mean() == pytest.approx(0.4 * 0.5, abs=0.01)  # only the uniform part draws it
+    assert w.mean() == pytest.approx(1.0, abs=0.02)
+    assert np.mean(w * one) == pytest.approx(0.5, abs=0.02)  # the target's point mass
+    low = np.mean(w * np.array([c < 0.5 for _, c in draws]))  # half of log-uniform's 1/4
+    assert low == pytest.approx(0.125, abs=0.015)
+    # Without it, the draws are exactly those of a recipe that predates the key.
+    old = Curriculum.build(["a", "b"], (0.25, 4.0), 0.4, rows)
+    r1, r2 = np.random.default_rng(2), np.random.default_rng(2)
+    zero = Curriculum.build(["a", "b"], (0.25, 4.0), 0.4, rows, unscaled_share=0.0)
+    assert [old.draw(r1) for _ in range(50)] == [zero.draw(r2) for _ in range(50)]
+
+
+def test_unscaled_share_is_validated():
+    with pytest.raises(ValueError, match="unscaled_share must be in"):
+        VineSettings(unscaled_share=1.0)
+    with pytest.raises(ValueError, match="contains 1"):
+        VineSettings(unscaled_share=0.5, lr_scale=(2.0, 4.0))
+
+
 def test_the_shipped_curriculum_names_train_tasks_only():
     from rlhpo.tasks import load_suite
 

@@ -204,11 +204,11 @@ def _row(variant, fold, tseed, task, eseed, final, moves, fracs, seconds):
 
 
 def evaluate(
-    branches: list[Path] | None,
-    jobs: int,
-    only: list[str] | None = None,
-    fixed: list[Path] | None = None,
+    branches: dict[str, list[Path]] | None, jobs: int, only: list[str] | None = None
 ) -> None:
+    """Score the variants; ``branches`` maps a collection name to its branches.jsonl
+    files for training seeds 0, 1, 2 ("" = ``--branches``, "fixed" = ``--branches-fixed``,
+    others from ``--collection NAME PATH...``)."""
     from rlhpo.agents.vine import read_branches
     from rlhpo.tasks import load_suite
 
@@ -229,19 +229,26 @@ def evaluate(
             print(f"prior {r['task']} seed {r['seed']}: {r['final']:.3f}", flush=True)
     if branches is None:
         return
-    # One collection per training seed (``rlhpo train --agent vine --seed K``), in order.
-    collections = []
-    for k, path in enumerate(branches):
-        eps = read_branches(path)
-        collections.append([dict(e, index=(k, e["index"])) for e in eps])
-    pooled = [e for c in collections for e in c]
-    # ``data = "own-fixed"``: the collections made after the lr-bounds change (--branches-fixed).
-    fixed_collections = [
-        [dict(e, index=(k, e["index"])) for e in read_branches(path)]
-        for k, path in enumerate(fixed or [])
-    ]
     variants, _ = load_variants()
     variants = [v for v in variants if only is None or v["name"] in only]
+    # A variant's ``data``: "own" = the training seed's own collection (``rlhpo train
+    # --agent vine --seed K``), "own-NAME" = the seed's collection of the named set
+    # ("own-fixed": made after the lr-bounds change), "pool" = the "" collections
+    # together, bootstrap-resampled per training seed. Files are read only when needed.
+    cache: dict[str, list[list[dict]]] = {}
+
+    def collection(name: str, seed: int) -> list[dict]:
+        paths = branches.get(name, [])
+        if seed >= len(paths):
+            flag = {"": "--branches", "fixed": "--branches-fixed"}.get(name, f"--collection {name}")
+            raise SystemExit(f"variants with data from {flag!r} need its file for seed {seed}")
+        if name not in cache:
+            cache[name] = [
+                [dict(e, index=(k, e["index"])) for e in read_branches(p)]
+                for k, p in enumerate(paths)
+            ]
+        return cache[name][seed]
+
     rows, reruns = [], []
     for v in variants:
         for fam, tasks in folds.items():
@@ -253,13 +260,13 @@ def evaluate(
                     from rlhpo.baselines.rescue import rescue_rule
 
                     pol = rescue_rule(**v.get("rule", {}))
-                elif v["data"] == "own":  # the training seed's own collection
-                    pol = fit(collections[tseed], fam, tseed, v.get("set", []), False)
-                elif v["data"] == "own-fixed":
-                    if tseed >= len(fixed_collections):
-                        raise SystemExit(f"{v['name']} needs --branches-fixed for seed {tseed}")
-                    pol = fit(fixed_collections[tseed], fam, tseed, v.get("set", []), False)
-                else:  # every collection, resampled per training seed
+                elif v["data"].startswith("own"):  # the training seed's own collection
+                    name = v["data"].removeprefix("own").removeprefix("-")
+                    pol = fit(collection(name, tseed), fam, tseed, v.get("set", []), False)
+                else:  # every "" collection, resampled per training seed
+                    pooled = [
+                        e for k in range(len(branches.get("", []))) for e in collection("", k)
+                    ]
                     pol = fit(pooled, fam, tseed, v.get("set", []), True)
                 for t in tasks:
                     for es in EVAL_SEEDS:
@@ -514,8 +521,27 @@ def main() -> None:
         nargs="+",
         help="branches.jsonl of the collections made after the lr-bounds change, seeds 0-2",
     )
+    ap.add_argument(
+        "--collection",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME PATH",
+        help="a named set of collections, seeds 0-2: NAME then its branches.jsonl files "
+        "(variants with data = 'own-NAME'; repeatable)",
+    )
     a = ap.parse_args()
-    for path in [*(a.branches or []), *(a.branches_fixed or []), *([a.pilot] if a.pilot else [])]:
+    named = {c[0]: [Path(p) for p in c[1:]] for c in a.collection}
+    if any(len(c) < 2 or c[0] in ("", "fixed") for c in a.collection):
+        raise SystemExit(
+            f"--collection must be NAME PATH..., NAME not '' or 'fixed', got {a.collection}"
+        )
+    for path in [
+        *(a.branches or []),
+        *(a.branches_fixed or []),
+        *(p for ps in named.values() for p in ps),
+        *([a.pilot] if a.pilot else []),
+    ]:
         if not Path(path).is_file():
             raise SystemExit(f"branch data must be a branches.jsonl file, got {str(path)!r}")
     only = a.variants.split(",") if a.variants else None
@@ -535,9 +561,10 @@ def main() -> None:
     if a.pilot and not a.report:
         a.branches = [Path(a.pilot)]
     if not a.report:
-        if a.branches is None:
+        sources = {"": a.branches or [], "fixed": a.branches_fixed or [], **named}
+        if not any(sources.values()):
             raise SystemExit("--branches PATH (a vine run's branches.jsonl) is needed")
-        evaluate(a.branches, a.jobs, only, a.branches_fixed)
+        evaluate(sources, a.jobs, only)
     print(report())
 
 

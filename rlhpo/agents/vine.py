@@ -75,6 +75,10 @@ class VineSettings(EnvSettings):
     """Subtracted from the advantage of every move that leaves "keep" (do no harm)."""
     uniform_share: float = 0.5
     """Share of episodes drawn uniformly; the rest in proportion to the prior's regret."""
+    unscaled_share: float = 0.0
+    """Share of the target distribution's episodes with no lr factor (exactly 1): the
+    tuned peak is right for most tasks in use, and a policy that never sees such runs
+    learns to move where "keep" was right. 0 = the factor is log-uniform throughout."""
     curriculum: str = "regret-default.json"
     """Regret of the prior per (task, lr factor), in ``rlhpo/recipes/``; "" = uniform."""
     learning_rate: float = 3e-3
@@ -112,6 +116,13 @@ class VineSettings(EnvSettings):
             self.move_cost,
         )
         need(0 <= self.uniform_share <= 1, "uniform_share must be in [0, 1]", self.uniform_share)
+        need(0 <= self.unscaled_share < 1, "unscaled_share must be in [0, 1)", self.unscaled_share)
+        lo, hi = (float(v) for v in self.lr_scale)
+        need(
+            self.unscaled_share == 0 or lo <= 1 <= hi,
+            "unscaled_share > 0 needs an lr_scale range that contains 1",
+            list(self.lr_scale),
+        )
         for name in ("learning_rate", "kl_coef", "kl_target"):
             v = getattr(self, name)
             need(math.isfinite(v) and v > 0, f"{name} must be a finite number > 0", v)
@@ -163,7 +174,8 @@ class Curriculum:
     """Where episodes come from: a defensive mixture (Hesterberg 1995).
 
     A ``uniform_share`` of the episodes is drawn from the target distribution (a task
-    uniformly, the lr factor log-uniformly over ``lr_scale``); the rest from the prior's
+    uniformly; the lr factor exactly 1 with probability ``unscaled_share``, else
+    log-uniformly over ``lr_scale``); the rest from the prior's
     failures: a (task, lr-factor bin) in proportion to the prior's regret there, the
     factor log-uniformly within the bin (the bins split ``lr_scale`` at the geometric
     midpoints of the regret grid). :meth:`weight` is the target density over the
@@ -177,21 +189,26 @@ class Curriculum:
     uniform_share: float
     cells: tuple[tuple[str, float, float, float], ...] = ()
     """(task, bin low, bin high, probability) of the regret part."""
+    unscaled_share: float = 0.0
+    """Probability of the factor 1 exactly in the target distribution."""
 
     @classmethod
-    def build(cls, tasks: list[str], lr_scale, uniform_share: float, rows) -> Curriculum:
+    def build(
+        cls, tasks: list[str], lr_scale, uniform_share: float, rows, unscaled_share: float = 0.0
+    ) -> Curriculum:
         lo, hi = (float(v) for v in lr_scale)
+        p1 = float(unscaled_share) if hi > lo else 0.0
         grid = sorted({c for _, c, _ in rows if lo <= c <= hi})
         if hi <= lo or not grid:
-            return cls(tuple(tasks), lo, hi, 1.0)
+            return cls(tuple(tasks), lo, hi, 1.0, (), p1)
         edges = [lo, *(math.sqrt(a * b) for a, b in zip(grid, grid[1:], strict=False)), hi]
         cell = {c: (edges[i], edges[i + 1]) for i, c in enumerate(grid)}
         raw = [(t, *cell[c], r) for t, c, r in rows if c in cell and r > 0 and t in tasks]
         total = sum(r for *_, r in raw)
         if total <= 0:
-            return cls(tuple(tasks), lo, hi, 1.0)
+            return cls(tuple(tasks), lo, hi, 1.0, (), p1)
         cells = tuple((t, a, b, r / total) for t, a, b, r in raw)
-        return cls(tuple(tasks), lo, hi, float(uniform_share), cells)
+        return cls(tuple(tasks), lo, hi, float(uniform_share), cells, p1)
 
     def draw(self, rng: np.random.Generator) -> tuple[str, float]:
         """One (task, lr factor) from the mixture."""
@@ -200,6 +217,9 @@ class Curriculum:
             t, a, b, _ = self.cells[int(rng.choice(len(self.cells), p=p / p.sum()))]
         else:
             t, a, b = self.tasks[int(rng.integers(len(self.tasks)))], self.lo, self.hi
+            # only drawn when set, so a recipe without it draws exactly as before
+            if self.unscaled_share > 0 and rng.random() < self.unscaled_share:
+                return t, 1.0
         c = float(math.exp(rng.uniform(math.log(a), math.log(b)))) if b > a else float(a)
         return t, c
 
@@ -207,7 +227,10 @@ class Curriculum:
         """Target density over mixture density at (task, lr factor)."""
         if not self.cells:
             return 1.0
-        target = 1.0 / (len(self.tasks) * math.log(self.hi / self.lo))
+        if self.unscaled_share > 0 and c == 1.0:
+            # the point mass: the regret part never draws exactly 1
+            return 1.0 / self.uniform_share
+        target = (1 - self.unscaled_share) / (len(self.tasks) * math.log(self.hi / self.lo))
         regret = sum(
             p / math.log(b / a)
             for t, a, b, p in self.cells
@@ -474,7 +497,9 @@ def train_vine(
     config = EnvConfig.of(s.env_config(suite), timing=False).with_suite_loaded()
     probe = HPOEnv(config)
     tasks = list(probe.tasks)
-    cur = Curriculum.build(tasks, s.lr_scale, s.uniform_share, load_curriculum(s.curriculum, tasks))
+    cur = Curriculum.build(
+        tasks, s.lr_scale, s.uniform_share, load_curriculum(s.curriculum, tasks), s.unscaled_share
+    )
     codec_nvec = tuple(int(n) for n in probe.action_space.nvec)
     noop = noop_of(probe.knobs)
     lr_dim = order_knobs(probe.knobs).index(LR.name)
