@@ -40,6 +40,12 @@ class PolicyNet(nn.Module):
     The layout matches a stable-baselines3 ``MlpPolicy`` actor (``policy_net`` then
     ``action_net``) so that PPO weights export into it unchanged. Optional
     observation normalisation (``obs_mean``/``obs_std``) carries a VecNormalize.
+
+    ``window`` and ``hold``: the net acts only while the budget fraction used
+    (observation feature 0) lies in ``[window[0], window[1]]``; elsewhere :meth:`act`
+    returns ``hold`` (the "keep" action). A policy learned from states of part of the
+    run only (the vine's branch points) has never seen the rest, and what it does there
+    is extrapolation: outside its data's support it stays the prior.
     """
 
     def __init__(
@@ -48,10 +54,13 @@ class PolicyNet(nn.Module):
         nvec: tuple[int, ...] = ActionCodec.NVEC,
         hidden: tuple[int, ...] = (64, 64),
         activation: str = "tanh",
+        window: tuple[float, float] | None = None,
+        hold: tuple[int, ...] | None = None,
     ):
         super().__init__()
         if activation not in ("tanh", "relu"):
             raise PolicyFileError(f"activation must be tanh or relu, got {activation!r}")
+        check_window(window, hold, nvec)
         act = nn.Tanh if activation == "tanh" else nn.ReLU
         layers: list[nn.Module] = []
         d = obs_dim
@@ -64,6 +73,8 @@ class PolicyNet(nn.Module):
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.obs_dim, self.nvec = obs_dim, tuple(int(n) for n in nvec)
         self.hidden, self.activation = tuple(int(h) for h in hidden), activation
+        self.window = None if window is None else (float(window[0]), float(window[1]))
+        self.hold = None if hold is None else tuple(int(k) for k in hold)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = (obs - self.obs_mean) / self.obs_std
@@ -92,15 +103,49 @@ class PolicyNet(nn.Module):
                     torch.multinomial(torch.softmax(lg, -1), 1, generator=generator).squeeze(-1)
                 )
         a = torch.stack(parts, -1).numpy().astype(np.int64)
+        if self.window is not None:
+            frac = (o.unsqueeze(0) if single else o)[:, 0].numpy()
+            out = (frac < self.window[0]) | (frac > self.window[1])
+            a[out] = np.asarray(self.hold, dtype=np.int64)
         return a[0] if single else a
 
     def architecture(self) -> dict[str, Any]:
-        return {
+        arch: dict[str, Any] = {
             "obs_dim": self.obs_dim,
             "nvec": list(self.nvec),
             "hidden": list(self.hidden),
             "activation": self.activation,
         }
+        if self.window is not None:
+            arch |= {"window": list(self.window), "hold": list(self.hold or ())}
+        return arch
+
+
+def check_window(window: Any, hold: Any, nvec: tuple[int, ...]) -> None:
+    """Raise :class:`PolicyFileError` unless ``window`` is None (and ``hold`` too) or
+    ``[lo, hi]`` with 0 <= lo <= hi <= 1 and ``hold`` one valid action per dimension."""
+    if window is None and hold is None:
+        return
+    ok = (
+        isinstance(window, (list, tuple))
+        and len(window) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in window)
+        and 0 <= window[0] <= window[1] <= 1
+    )
+    if not ok:
+        raise PolicyFileError(
+            f"architecture.window must be [lo, hi] with 0 <= lo <= hi <= 1, got {_short(window)}"
+        )
+    ok = (
+        isinstance(hold, (list, tuple))
+        and len(hold) == len(nvec)
+        and all(_is_int(k) and 0 <= k < n for k, n in zip(hold, nvec, strict=False))
+    )
+    if not ok:
+        raise PolicyFileError(
+            f"architecture.hold must be one action per dimension of {list(nvec)}, "
+            f"got {_short(hold)}"
+        )
 
 
 @dataclass
@@ -353,6 +398,10 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
             f"{where}: architecture.activation must be tanh or relu, "
             f"got {_short(arch.get('activation'))}"
         )
+    try:
+        check_window(arch.get("window"), arch.get("hold"), tuple(nvec))
+    except PolicyFileError as e:
+        raise PolicyFileError(f"{where}: {e}") from None
     tensors = m["tensors"]
     if not 1 <= len(tensors) <= MAX_TENSORS:
         raise PolicyFileError(
@@ -518,6 +567,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
                 nvec=tuple(arch["nvec"]),
                 hidden=tuple(arch["hidden"]),
                 activation=str(arch["activation"]),
+                window=arch.get("window"),
+                hold=arch.get("hold"),
             )
         net.load_state_dict(tensors)
     except (KeyError, TypeError, RuntimeError) as e:

@@ -182,6 +182,8 @@ def _train(out, extra=()):
         "workers=1",
         "--set",
         'curriculum=""',
+        "--set",
+        "support_window=true",  # resumed, the window is rebuilt from the episodes
         *extra,
     ]
 
@@ -221,7 +223,10 @@ def test_kill_during_branch_collection_resumes_to_the_uninterrupted_policy(tmp_p
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert json.loads((cut / "policy" / "manifest.json").read_text())["resumes"] == 1
+    m_full, m_cut = (json.loads((d / "policy" / "manifest.json").read_text()) for d in (full, cut))
+    assert m_cut["resumes"] == 1
+    assert m_full["architecture"]["window"] == m_cut["architecture"]["window"]
+    assert 0 < m_cut["architecture"]["window"][0] <= m_cut["architecture"]["window"][1] <= 0.5
 
 
 def test_a_bad_curriculum_fails_before_the_run_folder_is_made(tmp_path):

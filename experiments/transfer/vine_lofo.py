@@ -149,7 +149,13 @@ def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str
     resample under ``seed`` when ``bootstrap``); returns the PolicyNet."""
     from rlhpo.actions import noop_of
     from rlhpo.agents import load_settings
-    from rlhpo.agents.vine import labelled_states, new_policy, set_obs_norm, update
+    from rlhpo.agents.vine import (
+        labelled_states,
+        new_policy,
+        restrict_to_support,
+        set_obs_norm,
+        update,
+    )
     from rlhpo.knobs import KNOBS
 
     s = load_settings("vine", overrides=overrides)
@@ -162,6 +168,8 @@ def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str
     net = new_policy(obs.shape[1], (5, 3, 3), noop, s, seed)
     set_obs_norm(net, obs)
     update(net, obs, adv, w, 0, noop[0], s)
+    if s.support_window:
+        restrict_to_support(net, obs, noop)
     net.eval()
     return net
 

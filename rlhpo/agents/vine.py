@@ -97,6 +97,11 @@ class VineSettings(EnvSettings):
     """The initial "keep" logit (the last layer starts at zero: round 1 follows the prior)."""
     workers: int = 2
     """Processes collecting episodes (one torch thread each)."""
+    support_window: bool = False
+    """Act only within the budget fractions the branched states covered (the policy
+    file's ``architecture.window``); before and after, "keep". The update never sees
+    decision 0 (``branch_from``) or the second half (``branch_until``), so what the net
+    does there is extrapolation."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, v: Any) -> None:
@@ -134,6 +139,11 @@ class VineSettings(EnvSettings):
         need(self.update_steps >= 1, "update_steps must be >= 1", self.update_steps)
         need(math.isfinite(self.noop_bias), "noop_bias must be a finite number", self.noop_bias)
         need(self.workers >= 1, "workers must be >= 1", self.workers)
+        need(
+            isinstance(self.support_window, bool),
+            "support_window must be true or false",
+            self.support_window,
+        )
         load_curriculum(self.curriculum, [])  # a missing or malformed file fails here, not mid-run
         need(
             len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
@@ -350,12 +360,22 @@ def new_policy(
     return net
 
 
+def restrict_to_support(net: PolicyNet, obs: np.ndarray, noop: tuple[int, ...]) -> None:
+    """Make ``net`` act only within the budget fractions (feature 0) of ``obs``, the
+    states it was fitted on, and keep (``noop``) elsewhere."""
+    if len(obs):
+        net.window = (float(obs[:, 0].min()), float(obs[:, 0].max()))
+        net.hold = tuple(int(k) for k in noop)
+
+
 def _net_from(arch: dict[str, Any], state: dict | None) -> PolicyNet:
     net = PolicyNet(
         obs_dim=arch["obs_dim"],
         nvec=tuple(arch["nvec"]),
         hidden=tuple(arch["hidden"]),
         activation=arch["activation"],
+        window=arch.get("window"),
+        hold=arch.get("hold"),
     )
     if state is not None:
         net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
@@ -506,7 +526,6 @@ def train_vine(
     net = new_policy(probe.observation_space.shape[0], codec_nvec, noop, s, seed)
     if state is not None:
         net.load_state_dict(state)
-    arch = net.architecture()
 
     run_config = {
         "agent": "vine",
@@ -551,6 +570,9 @@ def train_vine(
         episodes = read_branches(path)
         total_steps = sum(ep["steps"] for ep in episodes)
         rnd = done_rounds
+        if s.support_window and done_rounds:  # the window of the checkpointed policy
+            done = [ep for ep in episodes if ep["round"] <= done_rounds]
+            restrict_to_support(net, labelled_states(done)[0], noop)
         ex = ProcessPoolExecutor(s.workers) if s.workers > 1 else None
         try:
             while rnd < s.rounds and total_steps < timesteps:
@@ -559,6 +581,7 @@ def train_vine(
                 net_state = (
                     None if rnd == 1 else {k: v.numpy() for k, v in net.state_dict().items()}
                 )
+                arch = net.architecture()
                 jobs = [
                     {"round": rnd, "index": i, **draw_episode(s, seed, rnd, i, cur)}
                     for i in range(s.episodes_per_round)
@@ -596,6 +619,8 @@ def train_vine(
                 if rnd == 1:
                     set_obs_norm(net, obs)
                 stats = update(net, obs, adv, w, lr_dim, int(noop[lr_dim]), s)
+                if s.support_window:
+                    restrict_to_support(net, obs, noop)
                 tracker.log(
                     {
                         "timesteps": total_steps,
