@@ -241,7 +241,7 @@ def evaluate(
     variants = [v for v in variants if only is None or v["name"] in only]
     # A variant's ``data``: "own" = the training seed's own collection (``rlhpo train
     # --agent vine --seed K``), "own-NAME" = the seed's collection of the named set
-    # ("own-fixed": made after the lr-bounds change), "pool" = the "" collections
+    # ("own-fixed": made after the lr-bounds change), "pool[-NAME]" = the set's collections
     # together, bootstrap-resampled per training seed. Files are read only when needed.
     cache: dict[str, list[list[dict]]] = {}
 
@@ -271,10 +271,10 @@ def evaluate(
                 elif v["data"].startswith("own"):  # the training seed's own collection
                     name = v["data"].removeprefix("own").removeprefix("-")
                     pol = fit(collection(name, tseed), fam, tseed, v.get("set", []), False)
-                else:  # every "" collection, resampled per training seed
-                    pooled = [
-                        e for k in range(len(branches.get("", []))) for e in collection("", k)
-                    ]
+                else:  # "pool[-NAME]": the set's collections together, resampled per seed
+                    name = v["data"].removeprefix("pool").removeprefix("-")
+                    n = len(branches.get(name, []))
+                    pooled = [e for k in range(n) for e in collection(name, k)]
                     pol = fit(pooled, fam, tseed, v.get("set", []), True)
                 for t in tasks:
                     for es in EVAL_SEEDS:
