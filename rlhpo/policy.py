@@ -93,7 +93,8 @@ class PolicyNet(nn.Module):
         """Action(s) for one observation or a batch of them."""
         o = torch.as_tensor(np.asarray(obs, dtype=np.float32))
         single = o.dim() == 1
-        logits = self(o.unsqueeze(0) if single else o)
+        batch = o.unsqueeze(0) if single else o
+        logits = self(batch)
         parts = []
         for lg in self.split_logits(logits):
             if deterministic:
@@ -104,7 +105,7 @@ class PolicyNet(nn.Module):
                 )
         a = torch.stack(parts, -1).numpy().astype(np.int64)
         if self.window is not None:
-            frac = (o.unsqueeze(0) if single else o)[:, 0].numpy()
+            frac = batch[:, 0].numpy()
             out = (frac < self.window[0]) | (frac > self.window[1])
             a[out] = np.asarray(self.hold, dtype=np.int64)
         return a[0] if single else a

@@ -144,6 +144,19 @@ def load_variants() -> tuple[list[dict], dict]:
     return raw["variant"], raw
 
 
+def data_source(v: dict) -> tuple[str, str]:
+    """A vine variant's ``data`` as (mode, collection set): "own", "own-NAME", "pool" or
+    "pool-NAME" ("" names ``--branches``); anything else is a one-line error."""
+    data = str(v.get("data", ""))
+    mode, _, name = data.partition("-")
+    if mode not in ("own", "pool") or (data.endswith("-") and not name):
+        raise SystemExit(
+            f"variant {v.get('name')!r}: data must be own, own-NAME, pool or pool-NAME, "
+            f"got {data!r}"
+        )
+    return mode, name
+
+
 def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str], bootstrap: bool):
     """The agent's update on the episodes of every family but ``family`` (a bootstrap
     resample under ``seed`` when ``bootstrap``); returns the PolicyNet."""
@@ -268,13 +281,11 @@ def evaluate(
                     from rlhpo.baselines.rescue import rescue_rule
 
                     pol = rescue_rule(**v.get("rule", {}))
-                elif v["data"].startswith("own"):  # the training seed's own collection
-                    name = v["data"].removeprefix("own").removeprefix("-")
-                    pol = fit(collection(name, tseed), fam, tseed, v.get("set", []), False)
-                else:  # "pool[-NAME]": the set's collections together, resampled per seed
-                    name = v["data"].removeprefix("pool").removeprefix("-")
-                    n = len(branches.get(name, []))
-                    pooled = [e for k in range(n) for e in collection(name, k)]
+                elif (src := data_source(v))[0] == "own":  # the seed's own collection
+                    pol = fit(collection(src[1], tseed), fam, tseed, v.get("set", []), False)
+                else:  # the set's collections together, resampled per training seed
+                    n = max(1, len(branches.get(src[1], [])))  # none: collection() says so
+                    pooled = [e for k in range(n) for e in collection(src[1], k)]
                     pol = fit(pooled, fam, tseed, v.get("set", []), True)
                 for t in tasks:
                     for es in EVAL_SEEDS:
