@@ -137,6 +137,11 @@ def check_window(window: Any, hold: Any, nvec: tuple[int, ...]) -> None:
         raise PolicyFileError(
             f"architecture.window must be [lo, hi] with 0 <= lo <= hi <= 1, got {_short(window)}"
         )
+    check_hold(hold, nvec)
+
+
+def check_hold(hold: Any, nvec: tuple[int, ...]) -> None:
+    """Raise :class:`PolicyFileError` unless ``hold`` is one valid action per dimension."""
     ok = (
         isinstance(hold, (list, tuple))
         and len(hold) == len(nvec)
@@ -149,11 +154,96 @@ def check_window(window: Any, hold: Any, nvec: tuple[int, ...]) -> None:
         )
 
 
+MAX_MEMBERS = 8
+
+
+class ConsensusNet(nn.Module):
+    """An ensemble of :class:`PolicyNet` members that acts only where they all agree.
+
+    Where every member picks the same action, that action; elsewhere ``hold`` (the
+    "keep" action). Members fitted on bootstrap resamples of the same branch data agree
+    where the data decide and disagree where a net extrapolates, so the ensemble keeps
+    the prior exactly where one net's move would be a guess (pessimism under
+    uncertainty, as in ensemble-based offline RL). ``window`` limits it to a span of
+    the budget, as :class:`PolicyNet`'s does. The members are stored as
+    ``members.{j}.*`` tensors; the architecture records ``members`` (their number).
+    """
+
+    def __init__(
+        self,
+        members: list[PolicyNet],
+        hold: tuple[int, ...],
+        window: tuple[float, float] | None = None,
+    ):
+        super().__init__()
+        if not 2 <= len(members) <= MAX_MEMBERS:
+            raise PolicyFileError(
+                f"architecture.members must be 2 to {MAX_MEMBERS}, got {len(members)}"
+            )
+        first = members[0].architecture()
+        for m in members:
+            if m.window is not None or m.architecture() != first:
+                raise PolicyFileError(
+                    "a consensus needs members of one architecture without their own window"
+                )
+        check_hold(hold, members[0].nvec)
+        if window is not None:
+            check_window(window, hold, members[0].nvec)
+        self.members = nn.ModuleList(members)
+        self.obs_dim, self.nvec = members[0].obs_dim, members[0].nvec
+        self.hold = tuple(int(k) for k in hold)
+        self.window = None if window is None else (float(window[0]), float(window[1]))
+
+    @torch.no_grad()
+    def act(
+        self, obs: np.ndarray, deterministic: bool = True, generator: torch.Generator | None = None
+    ) -> np.ndarray:
+        """Action(s) for one observation or a batch: the members' common action, else hold."""
+        o = np.asarray(obs, dtype=np.float32)
+        single = o.ndim == 1
+        batch = o[None] if single else o
+        acts = [m.act(batch, deterministic, generator) for m in self.members]
+        agree = np.all([(a == acts[0]).all(-1) for a in acts[1:]], axis=0)
+        out = np.where(agree[:, None], acts[0], np.asarray(self.hold, dtype=np.int64))
+        if self.window is not None:
+            off = (batch[:, 0] < self.window[0]) | (batch[:, 0] > self.window[1])
+            out[off] = np.asarray(self.hold, dtype=np.int64)
+        return out[0] if single else out
+
+    def architecture(self) -> dict[str, Any]:
+        arch = self.members[0].architecture() | {
+            "members": len(self.members),
+            "hold": list(self.hold),
+        }
+        if self.window is not None:
+            arch["window"] = list(self.window)
+        return arch
+
+
+def build_net(arch: dict[str, Any]) -> PolicyNet | ConsensusNet:
+    """An untrained net of a (checked) policy-file architecture: one :class:`PolicyNet`,
+    or a :class:`ConsensusNet` of ``members`` of them."""
+    one = {
+        "obs_dim": int(arch["obs_dim"]),
+        "nvec": tuple(arch["nvec"]),
+        "hidden": tuple(arch["hidden"]),
+        "activation": str(arch["activation"]),
+    }
+    if arch.get("members") is None:
+        return PolicyNet(**one, window=arch.get("window"), hold=arch.get("hold"))
+    k = arch["members"]
+    if not _is_int(k) or not 2 <= k <= MAX_MEMBERS:
+        raise PolicyFileError(f"architecture.members must be 2 to {MAX_MEMBERS}, got {_short(k)}")
+    return ConsensusNet(
+        [PolicyNet(**one) for _ in range(k)], hold=arch.get("hold"), window=arch.get("window")
+    )
+
+
 @dataclass
 class Policy:
     """A loaded policy: the network and its manifest."""
 
-    net: PolicyNet
+    net: PolicyNet | ConsensusNet
     manifest: dict[str, Any]
     path: Path | None = None
 
@@ -204,7 +294,7 @@ class Policy:
 
 def save_policy(
     path: str | os.PathLike[str],
-    net: PolicyNet,
+    net: PolicyNet | ConsensusNet,
     *,
     knobs: Any = KNOBS,
     obs_version: int = ObservationEncoder.VERSION,
@@ -400,7 +490,17 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
             f"got {_short(arch.get('activation'))}"
         )
     try:
-        check_window(arch.get("window"), arch.get("hold"), tuple(nvec))
+        if arch.get("members") is None:
+            check_window(arch.get("window"), arch.get("hold"), tuple(nvec))
+        else:
+            k = arch["members"]
+            if not _is_int(k) or not 2 <= k <= MAX_MEMBERS:
+                raise PolicyFileError(
+                    f"architecture.members must be 2 to {MAX_MEMBERS}, got {_short(k)}"
+                )
+            check_hold(arch.get("hold"), tuple(nvec))
+            if arch.get("window") is not None:
+                check_window(arch["window"], arch.get("hold"), tuple(nvec))
     except PolicyFileError as e:
         raise PolicyFileError(f"{where}: {e}") from None
     tensors = m["tensors"]
@@ -448,7 +548,11 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
 
 
 def architecture_shapes(arch: dict[str, Any]) -> dict[str, list[int]]:
-    """The tensor shapes a :class:`PolicyNet` of this architecture holds (nothing allocated)."""
+    """The tensor shapes a net of this architecture holds (nothing allocated): a
+    :class:`PolicyNet`'s, or each ``members.{j}.`` of a :class:`ConsensusNet`."""
+    if arch.get("members") is not None:
+        one = architecture_shapes({k: v for k, v in arch.items() if k != "members"})
+        return {f"members.{j}.{k}": v for j in range(arch["members"]) for k, v in one.items()}
     d = arch["obs_dim"]
     shapes: dict[str, list[int]] = {"obs_mean": [d], "obs_std": [d]}
     for i, h in enumerate(arch["hidden"]):
@@ -563,14 +667,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     try:
         # The initialisation is overwritten by the weights: draw it off the global RNG.
         with torch.random.fork_rng(devices=[]):
-            net = PolicyNet(
-                obs_dim=int(arch["obs_dim"]),
-                nvec=tuple(arch["nvec"]),
-                hidden=tuple(arch["hidden"]),
-                activation=str(arch["activation"]),
-                window=arch.get("window"),
-                hold=arch.get("hold"),
-            )
+            net = build_net(arch)
         net.load_state_dict(tensors)
     except (KeyError, TypeError, RuntimeError) as e:
         raise PolicyFileError(f"{p}: weights do not fit the manifest's architecture ({e})") from e

@@ -51,7 +51,7 @@ from rlhpo.agents.envs import EnvSettings
 from rlhpo.agents.ppo import COMPUTE_NOTE
 from rlhpo.agents.recipe import build_settings, settings_dict
 from rlhpo.knobs import LR, order_knobs
-from rlhpo.policy import PolicyNet, save_policy
+from rlhpo.policy import MAX_MEMBERS, ConsensusNet, PolicyNet, build_net, save_policy
 
 BRANCHES = "branches.jsonl"
 
@@ -102,6 +102,10 @@ class VineSettings(EnvSettings):
     file's ``architecture.window``); before and after, "keep". The update never sees
     decision 0 (``branch_from``) or the second half (``branch_until``), so what the net
     does there is extrapolation."""
+    ensemble: int = 0
+    """0: one net. K >= 2: K nets, each fitted on a bootstrap resample of the episodes,
+    saved as one consensus policy that moves only where all K make the same move
+    (:class:`rlhpo.policy.ConsensusNet`); one round only."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, v: Any) -> None:
@@ -143,6 +147,16 @@ class VineSettings(EnvSettings):
             isinstance(self.support_window, bool),
             "support_window must be true or false",
             self.support_window,
+        )
+        need(
+            _int(self.ensemble) and (self.ensemble == 0 or 2 <= self.ensemble <= MAX_MEMBERS),
+            f"ensemble must be 0 (one net) or 2 to {MAX_MEMBERS} members",
+            self.ensemble,
+        )
+        need(
+            self.ensemble == 0 or self.rounds == 1,
+            "ensemble needs rounds = 1 (its members are fitted once, on round 1's episodes)",
+            self.rounds,
         )
         load_curriculum(self.curriculum, [])  # a missing or malformed file fails here, not mid-run
         need(
@@ -368,15 +382,63 @@ def restrict_to_support(net: PolicyNet, obs: np.ndarray, noop: tuple[int, ...]) 
         net.hold = tuple(int(k) for k in noop)
 
 
-def _net_from(arch: dict[str, Any], state: dict | None) -> PolicyNet:
-    net = PolicyNet(
-        obs_dim=arch["obs_dim"],
-        nvec=tuple(arch["nvec"]),
-        hidden=tuple(arch["hidden"]),
-        activation=arch["activation"],
-        window=arch.get("window"),
-        hold=arch.get("hold"),
-    )
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def fit_member(
+    episodes: list[dict[str, Any]],
+    s: VineSettings,
+    seed: int,
+    member: int | None,
+    obs_dim: int,
+    nvec: tuple[int, ...],
+    noop: tuple[int, ...],
+    lr_dim: int,
+) -> PolicyNet:
+    """A one-round net fitted on ``episodes`` (all of them for ``member=None``, else a
+    bootstrap resample of them under ``(seed, member)``): observation statistics,
+    the update, and the support window when the recipe asks for it."""
+    if member is not None:
+        pick = np.random.default_rng([seed, member]).integers(len(episodes), size=len(episodes))
+        episodes = [dict(episodes[i], index=j) for j, i in enumerate(pick)]
+    obs, adv, w = labelled_states(episodes)
+    net = new_policy(obs_dim, nvec, noop, s, seed)
+    set_obs_norm(net, obs)
+    update(net, obs, adv, w, lr_dim, int(noop[lr_dim]), s)
+    if s.support_window:
+        restrict_to_support(net, obs, noop)
+    return net
+
+
+def fit_consensus(
+    episodes: list[dict[str, Any]],
+    s: VineSettings,
+    seed: int,
+    obs_dim: int,
+    nvec: tuple[int, ...],
+    noop: tuple[int, ...],
+    lr_dim: int,
+) -> ConsensusNet:
+    """``s.ensemble`` bootstrap members (:func:`fit_member`) as one consensus net. A
+    member acts only within its own window, so the consensus's window is their
+    intersection (where a member holds and another moves, the consensus holds)."""
+    members = [
+        fit_member(episodes, s, seed, j, obs_dim, nvec, noop, lr_dim) for j in range(s.ensemble)
+    ]
+    spans = [m.window for m in members if m.window is not None]
+    window = None
+    if spans:
+        lo, hi = max(w[0] for w in spans), min(w[1] for w in spans)
+        window = (lo, max(lo, hi))
+    for m in members:
+        m.window = m.hold = None
+        m.eval()
+    return ConsensusNet(members, hold=tuple(int(k) for k in noop), window=window)
+
+
+def _net_from(arch: dict[str, Any], state: dict | None) -> PolicyNet | ConsensusNet:
+    net = build_net(arch)
     if state is not None:
         net.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
     net.eval()
@@ -523,9 +585,11 @@ def train_vine(
     codec_nvec = tuple(int(n) for n in probe.action_space.nvec)
     noop = noop_of(probe.knobs)
     lr_dim = order_knobs(probe.knobs).index(LR.name)
-    net = new_policy(probe.observation_space.shape[0], codec_nvec, noop, s, seed)
-    if state is not None:
-        net.load_state_dict(state)
+    net: PolicyNet | ConsensusNet = new_policy(
+        probe.observation_space.shape[0], codec_nvec, noop, s, seed
+    )
+    if state is not None and not (s.ensemble and done_rounds):
+        net.load_state_dict(state)  # a consensus is refitted from its episodes below
 
     run_config = {
         "agent": "vine",
@@ -570,9 +634,12 @@ def train_vine(
         episodes = read_branches(path)
         total_steps = sum(ep["steps"] for ep in episodes)
         rnd = done_rounds
-        if s.support_window and done_rounds:  # the window of the checkpointed policy
+        if done_rounds and (s.support_window or s.ensemble):
             done = [ep for ep in episodes if ep["round"] <= done_rounds]
-            restrict_to_support(net, labelled_states(done)[0], noop)
+            if s.ensemble:  # deterministic: the same episodes give the same members
+                net = fit_consensus(done, s, seed, net.obs_dim, codec_nvec, noop, lr_dim)
+            else:  # the window of the checkpointed policy
+                restrict_to_support(net, labelled_states(done)[0], noop)
         ex = ProcessPoolExecutor(s.workers) if s.workers > 1 else None
         try:
             while rnd < s.rounds and total_steps < timesteps:
@@ -616,10 +683,19 @@ def train_vine(
                                 highlight=False,
                             )
                 obs, adv, w = labelled_states(episodes)
-                if rnd == 1:
-                    set_obs_norm(net, obs)
-                stats = update(net, obs, adv, w, lr_dim, int(noop[lr_dim]), s)
-                if s.support_window:
+                if s.ensemble:  # one round (validated): K bootstrap members, one consensus
+                    net = fit_consensus(episodes, s, seed, net.obs_dim, codec_nvec, noop, lr_dim)
+                    moving = net.act(obs) != np.asarray(noop) if len(obs) else np.zeros((0, 1))
+                    stats = {
+                        "states": len(obs),
+                        "members": s.ensemble,
+                        "share_moving": float(moving.any(-1).mean()) if len(obs) else 0.0,
+                    }
+                else:
+                    if rnd == 1:
+                        set_obs_norm(net, obs)
+                    stats = update(net, obs, adv, w, lr_dim, int(noop[lr_dim]), s)
+                if s.support_window and not s.ensemble:
                     restrict_to_support(net, obs, noop)
                 tracker.log(
                     {
