@@ -158,15 +158,16 @@ MAX_MEMBERS = 8
 
 
 class ConsensusNet(nn.Module):
-    """An ensemble of :class:`PolicyNet` members that acts only where they all agree.
+    """An ensemble of :class:`PolicyNet` members that acts only where they agree.
 
-    Where every member picks the same action, that action; elsewhere ``hold`` (the
-    "keep" action). Members fitted on bootstrap resamples of the same branch data agree
+    Where at least ``quorum`` members (default: all of them; more than half) pick the
+    same action, that action; elsewhere ``hold`` (the "keep" action). Members fitted on bootstrap resamples of the same branch data agree
     where the data decide and disagree where a net extrapolates, so the ensemble keeps
     the prior exactly where one net's move would be a guess (pessimism under
     uncertainty, as in ensemble-based offline RL). ``window`` limits it to a span of
     the budget, as :class:`PolicyNet`'s does. The members are stored as
-    ``members.{j}.*`` tensors; the architecture records ``members`` (their number).
+    ``members.{j}.*`` tensors; the architecture records ``members`` (their number)
+    and, when it is not all of them, ``quorum``.
     """
 
     def __init__(
@@ -174,6 +175,7 @@ class ConsensusNet(nn.Module):
         members: list[PolicyNet],
         hold: tuple[int, ...],
         window: tuple[float, float] | None = None,
+        quorum: int | None = None,
     ):
         super().__init__()
         if not 2 <= len(members) <= MAX_MEMBERS:
@@ -189,6 +191,8 @@ class ConsensusNet(nn.Module):
         check_hold(hold, members[0].nvec)
         if window is not None:
             check_window(window, hold, members[0].nvec)
+        check_quorum(quorum, len(members))
+        self.quorum = len(members) if quorum is None else int(quorum)
         self.members = nn.ModuleList(members)
         self.obs_dim, self.nvec = members[0].obs_dim, members[0].nvec
         self.hold = tuple(int(k) for k in hold)
@@ -202,9 +206,13 @@ class ConsensusNet(nn.Module):
         o = np.asarray(obs, dtype=np.float32)
         single = o.ndim == 1
         batch = o[None] if single else o
-        acts = [m.act(batch, deterministic, generator) for m in self.members]
-        agree = np.all([(a == acts[0]).all(-1) for a in acts[1:]], axis=0)
-        out = np.where(agree[:, None], acts[0], np.asarray(self.hold, dtype=np.int64))
+        acts = np.stack([m.act(batch, deterministic, generator) for m in self.members])
+        hold = np.asarray(self.hold, dtype=np.int64)
+        out = np.tile(hold, (len(batch), 1))
+        for j in range(len(self.members) - self.quorum + 1):  # a quorum includes one of these
+            votes = (acts == acts[j]).all(-1).sum(0)  # members that pick member j's action
+            win = votes >= self.quorum
+            out[win] = acts[j][win]
         if self.window is not None:
             off = (batch[:, 0] < self.window[0]) | (batch[:, 0] > self.window[1])
             out[off] = np.asarray(self.hold, dtype=np.int64)
@@ -215,6 +223,8 @@ class ConsensusNet(nn.Module):
             "members": len(self.members),
             "hold": list(self.hold),
         }
+        if self.quorum != len(self.members):
+            arch["quorum"] = self.quorum
         if self.window is not None:
             arch["window"] = list(self.window)
         return arch
@@ -235,8 +245,23 @@ def build_net(arch: dict[str, Any]) -> PolicyNet | ConsensusNet:
     if not _is_int(k) or not 2 <= k <= MAX_MEMBERS:
         raise PolicyFileError(f"architecture.members must be 2 to {MAX_MEMBERS}, got {_short(k)}")
     return ConsensusNet(
-        [PolicyNet(**one) for _ in range(k)], hold=arch.get("hold"), window=arch.get("window")
+        [PolicyNet(**one) for _ in range(k)],
+        hold=arch.get("hold"),
+        window=arch.get("window"),
+        quorum=arch.get("quorum"),
     )
+
+
+def check_quorum(quorum: Any, members: int) -> None:
+    """Raise :class:`PolicyFileError` unless ``quorum`` is None (all members) or an int
+    above half of ``members`` and at most all of them (so at most one action wins)."""
+    if quorum is None:
+        return
+    if not _is_int(quorum) or not members // 2 < quorum <= members:
+        raise PolicyFileError(
+            f"architecture.quorum must be more than half of the {members} members and at "
+            f"most all of them, got {_short(quorum)}"
+        )
 
 
 @dataclass
@@ -499,6 +524,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
                     f"architecture.members must be 2 to {MAX_MEMBERS}, got {_short(k)}"
                 )
             check_hold(arch.get("hold"), tuple(nvec))
+            check_quorum(arch.get("quorum"), k)
             if arch.get("window") is not None:
                 check_window(arch["window"], arch.get("hold"), tuple(nvec))
     except PolicyFileError as e:

@@ -65,6 +65,19 @@ def test_it_moves_only_where_every_member_makes_the_same_move():
     ]
 
 
+def test_a_quorum_moves_where_that_many_members_make_the_same_move():
+    three = [_net(4), _net(4), _net(4), _net(0), _net(1)]
+    assert list(ConsensusNet(three, hold=KEEP, quorum=3).act(_obs(0.3))) == [4, 1, 1]
+    assert list(ConsensusNet(three, hold=KEEP, quorum=4).act(_obs(0.3))) == list(KEEP)
+    assert list(ConsensusNet(three, hold=KEEP).act(_obs(0.3))) == list(KEEP)  # all: no
+    # The majority may sit anywhere among the members, and may differ by state.
+    late = [_net(0), _net(1), _net(0, weight0=50.0), _net(0, weight0=50.0), _net(4)]
+    batch = ConsensusNet(late, hold=KEEP, quorum=3).act(np.stack([_obs(0.3), _obs(0.3, 1.0)]))
+    assert batch.tolist() == [[0, 1, 1], [4, 1, 1]]  # x=0: three pick 0; x=1: three pick 4
+    with pytest.raises(PolicyFileError, match="quorum must be more than half of the 5"):
+        ConsensusNet(three, hold=KEEP, quorum=2)
+
+
 def test_a_consensus_travels_in_the_policy_file(tmp_path):
     net = ConsensusNet([_net(4), _net(4), _net(0, weight0=50.0)], hold=KEEP, window=(0.1, 0.6))
     pol = load_policy(save_policy(tmp_path / "p", net, agent="test"))
@@ -76,6 +89,11 @@ def test_a_consensus_travels_in_the_policy_file(tmp_path):
     # What the Controller calls, with its arguments.
     gen = torch.Generator().manual_seed(0)
     assert pol.net.act(obs[1], deterministic=True, generator=gen).tolist() == list(KEEP)
+    assert "quorum" not in pol.manifest["architecture"]  # all members: the default
+    q = ConsensusNet([_net(4), _net(4), _net(0)], hold=KEEP, quorum=2)
+    back = load_policy(save_policy(tmp_path / "q", q, agent="test"))
+    assert back.net.quorum == 2 and back.manifest["architecture"]["quorum"] == 2
+    assert list(back.act(_obs(0.3))) == [4, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -86,6 +104,8 @@ def test_a_consensus_travels_in_the_policy_file(tmp_path):
         ({"members": "3"}, "architecture.members must be 2 to 8, got '3'"),
         ({"hold": [9, 1, 1]}, "architecture.hold must be"),
         ({"window": [0.6, 0.1]}, "architecture.window must be"),
+        ({"quorum": 1}, "architecture.quorum must be more than half of the 2 members"),
+        ({"quorum": 3}, "architecture.quorum must be more than half of the 2 members"),
     ],
 )
 def test_a_bad_consensus_in_a_policy_file_is_a_one_line_error(tmp_path, arch, what):
@@ -111,6 +131,8 @@ def test_members_of_another_architecture_are_refused():
         ({"ensemble": 9}, "ensemble must be 0 (one net) or 2 to 8 members, got 9"),
         ({"ensemble": True}, "ensemble must be 0 (one net) or 2 to 8 members, got True"),
         ({"ensemble": 3, "rounds": 2}, "ensemble needs rounds = 1"),
+        ({"quorum": 3}, "quorum must be 0 (all members) or, with ensemble, more than half"),
+        ({"ensemble": 5, "quorum": 2}, "quorum must be 0 (all members) or, with ensemble"),
     ],
 )
 def test_bad_ensemble_settings_are_one_line_errors(values, message):

@@ -157,32 +157,47 @@ def data_source(v: dict) -> tuple[str, str]:
     return mode, name
 
 
-def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str], bootstrap: bool):
-    """The agent's update on the episodes of every family but ``family`` (a bootstrap
-    resample under ``seed`` when ``bootstrap``); returns the PolicyNet."""
+def label_range(episodes: list[dict], v: dict) -> list[dict]:
+    """The episodes with only the branched states a variant labels: decisions from
+    ``label_from`` (index) and budget fractions below ``label_until`` (emulates a
+    collection's ``branch_from``/``branch_until`` on one that branched more widely)."""
+    lo, hi = int(v.get("label_from", 0)), float(v.get("label_until", 1.0))
+    if lo == 0 and hi >= 1.0:
+        return episodes
+    return [
+        dict(e, states=[st for st in e["states"] if st["k"] >= lo and st["frac"] < hi])
+        for e in episodes
+    ]
+
+
+def fit(
+    episodes: list[dict],
+    family: str | None,
+    seed: int,
+    overrides: list[str],
+    bootstrap: bool,
+    ensemble: int = 0,
+):
+    """The agent's fit (:func:`rlhpo.agents.vine.fit_member`, or ``fit_consensus`` for
+    ``ensemble`` members) on the episodes of every family but ``family``; with
+    ``bootstrap`` and one net, on a resample of them under ``seed``."""
     from rlhpo.actions import noop_of
     from rlhpo.agents import load_settings
-    from rlhpo.agents.vine import (
-        labelled_states,
-        new_policy,
-        restrict_to_support,
-        set_obs_norm,
-        update,
-    )
+    from rlhpo.agents.vine import fit_consensus, fit_member, labelled_states
     from rlhpo.knobs import KNOBS
 
-    s = load_settings("vine", overrides=overrides)
+    extra = [f"ensemble={ensemble}"] if ensemble else []
+    s = load_settings("vine", overrides=[*overrides, *extra])
     pool = [e for e in episodes if e["family"] != family]
-    if bootstrap:
-        pick = np.random.default_rng(seed).integers(len(pool), size=len(pool))
-        pool = [dict(pool[i], index=j) for j, i in enumerate(pick)]
-    obs, adv, w = labelled_states(pool)
     noop = noop_of(KNOBS)
-    net = new_policy(obs.shape[1], (5, 3, 3), noop, s, seed)
-    set_obs_norm(net, obs)
-    update(net, obs, adv, w, 0, noop[0], s)
-    if s.support_window:
-        restrict_to_support(net, obs, noop)
+    obs_dim = labelled_states(pool)[0].shape[1]
+    if ensemble:  # each member resamples under (seed, j)
+        net = fit_consensus(pool, s, seed, obs_dim, (5, 3, 3), noop, 0)
+    else:
+        if bootstrap:
+            pick = np.random.default_rng(seed).integers(len(pool), size=len(pool))
+            pool = [dict(pool[i], index=j) for j, i in enumerate(pick)]
+        net = fit_member(pool, s, seed, None, obs_dim, (5, 3, 3), noop, 0)
     net.eval()
     return net
 
@@ -237,21 +252,40 @@ def evaluate(
     suite = load_suite("default")
     folds = {f.family: list(f.val) for f in suite.folds()}
     prior_path = OUT / "prior_runs.jsonl"
-    prior = {}
+    stored = {}
     if prior_path.is_file():
         for line in prior_path.read_text().splitlines():
             r = json.loads(line)
-            prior[(r["task"], r["seed"])] = r
-    todo = [(t, s) for ts in folds.values() for t in ts for s in EVAL_SEEDS if (t, s) not in prior]
-    with ProcessPoolExecutor(jobs) as ex, prior_path.open("a") as f:
+            stored[(r["task"], r["seed"])] = r
+    # The prior's runs are re-made every time (a minute or two): a variant's run is
+    # compared with the prior's run of the same code on the same machine, never with
+    # a stored one that floating point on another CPU, or a later commit, no longer
+    # reproduces (found in session 8: stored x4 runs ended 0.307 where they now end 0.020).
+    todo = [(t, s) for ts in folds.values() for t in ts for s in EVAL_SEEDS]
+    prior = {}
+    with ProcessPoolExecutor(jobs) as ex:
         for r in ex.map(run_episode, [t for t, _ in todo], [s for _, s in todo]):
-            f.write(json.dumps(r) + "\n")
             prior[(r["task"], r["seed"])] = r
-            print(f"prior {r['task']} seed {r['seed']}: {r['final']:.3f}", flush=True)
+    same = lambda a, b: a["final"] == b["final"] and a["obs"] == b["obs"]  # noqa: E731
+    differ = [k for k in todo if k not in stored or not same(prior[k], stored[k])]
+    stale = bool(stored) and bool(differ)
+    if stale:
+        k = differ[0]
+        was = stored[k]["final"] if k in stored else None
+        print(
+            f"the stored prior runs do not reproduce here ({len(differ)} of {len(todo)} "
+            f"differ; {k[0]} seed {k[1]}: stored {was}, now {prior[k]['final']}): the rows "
+            f"of variants not run now are dropped (measured against the stored runs)",
+            flush=True,
+        )
+    tmp = prior_path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(prior[k]) + "\n" for k in todo))
+    os.replace(tmp, prior_path)
     if branches is None:
         return
     variants, _ = load_variants()
-    variants = [v for v in variants if only is None or v["name"] in only]
+    # The prior's rows are free (its runs are made above) and every table needs them.
+    variants = [v for v in variants if only is None or v["name"] in only or v["kind"] == "prior"]
     # A variant's ``data``: "own" = the training seed's own collection (``rlhpo train
     # --agent vine --seed K``), "own-NAME" = the seed's collection of the named set
     # ("own-fixed": made after the lr-bounds change), "pool[-NAME]" = the set's collections
@@ -281,12 +315,21 @@ def evaluate(
                     from rlhpo.baselines.rescue import rescue_rule
 
                     pol = rescue_rule(**v.get("rule", {}))
-                elif (src := data_source(v))[0] == "own":  # the seed's own collection
-                    pol = fit(collection(src[1], tseed), fam, tseed, v.get("set", []), False)
-                else:  # the set's collections together, resampled per training seed
-                    n = max(1, len(branches.get(src[1], [])))  # none: collection() says so
-                    pooled = [e for k in range(n) for e in collection(src[1], k)]
-                    pol = fit(pooled, fam, tseed, v.get("set", []), True)
+                else:
+                    src = data_source(v)
+                    if src[0] == "own":  # the seed's own collection
+                        data = collection(src[1], tseed)
+                    else:  # the set's collections together, resampled per training seed
+                        n = max(1, len(branches.get(src[1], [])))  # none: collection() says so
+                        data = [e for k in range(n) for e in collection(src[1], k)]
+                    pol = fit(
+                        label_range(data, v),
+                        fam,
+                        tseed,
+                        v.get("set", []),
+                        src[0] == "pool",
+                        int(v.get("ensemble", 0)),
+                    )
                 for t in tasks:
                     for es in EVAL_SEEDS:
                         p = prior[(t, es)]
@@ -298,14 +341,14 @@ def evaluate(
                         if first is None:
                             rows.append(_row(v["name"], fam, tseed, t, es, p["final"], [], [], 0.0))
                         else:
-                            payload = (
-                                v.get("rule", {})
-                                if v["kind"] == "rule"
-                                else (
+                            if v["kind"] == "rule":
+                                kind, payload = "rule", v.get("rule", {})
+                            else:
+                                kind = "net"
+                                payload = (
                                     {k: x.numpy() for k, x in pol.state_dict().items()},
                                     pol.architecture(),
                                 )
-                            )
                             reruns.append(
                                 (
                                     v["name"],
@@ -313,7 +356,7 @@ def evaluate(
                                     tseed,
                                     t,
                                     es,
-                                    "rule" if v["kind"] == "rule" else "net",
+                                    kind,
                                     payload,
                                 )
                             )
@@ -323,7 +366,7 @@ def evaluate(
             rows.append(r)
             if i % 10 == 0:
                 print(f"rerun {i + 1}/{len(reruns)}", flush=True)
-    if only is not None and (OUT / "results.csv").is_file():  # keep the other variants' rows
+    if only is not None and not stale and (OUT / "results.csv").is_file():  # keep the others
         done = {v["name"] for v in variants}
         old = list(csv.DictReader((OUT / "results.csv").open()))
         rows += [r for r in old if r["variant"] not in done]

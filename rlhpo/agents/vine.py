@@ -24,6 +24,11 @@ optimises the target distribution: unweighted, the curriculum's many too-low-lr 
 taught "raise the lr at once" everywhere (measured on the first collection: every
 move's mean advantage was <= 0 on the uniform draws, x4's +0.06 on the regret draws).
 
+With ``ensemble = K`` the round fits K nets, each on a bootstrap resample of the
+episodes, and saves them as one :class:`rlhpo.policy.ConsensusNet` that moves only where
+all K make the same move. Where the branch data decide, resamples agree; where a net
+extrapolates (states unlike any branched one), they disagree and the prior keeps.
+
 Resumable without pickle: every finished episode (its branched states and
 advantages) is one JSON line of ``branches.jsonl`` and its content depends only on
 (seed, round, index, the round's policy), so a run killed at any moment resumes
@@ -106,6 +111,9 @@ class VineSettings(EnvSettings):
     """0: one net. K >= 2: K nets, each fitted on a bootstrap resample of the episodes,
     saved as one consensus policy that moves only where all K make the same move
     (:class:`rlhpo.policy.ConsensusNet`); one round only."""
+    quorum: int = 0
+    """With ``ensemble``: the members that must make the same move for the policy to
+    move (more than half of them); 0 = all of them."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, v: Any) -> None:
@@ -157,6 +165,16 @@ class VineSettings(EnvSettings):
             self.ensemble == 0 or self.rounds == 1,
             "ensemble needs rounds = 1 (its members are fitted once, on round 1's episodes)",
             self.rounds,
+        )
+        need(
+            _int(self.quorum)
+            and (
+                self.quorum == 0
+                or (self.ensemble and self.ensemble // 2 < self.quorum <= self.ensemble)
+            ),
+            "quorum must be 0 (all members) or, with ensemble, more than half of its members "
+            "and at most all",
+            self.quorum,
         )
         load_curriculum(self.curriculum, [])  # a missing or malformed file fails here, not mid-run
         need(
@@ -434,7 +452,8 @@ def fit_consensus(
     for m in members:
         m.window = m.hold = None
         m.eval()
-    return ConsensusNet(members, hold=tuple(int(k) for k in noop), window=window)
+    quorum = s.quorum if s.quorum and s.quorum != s.ensemble else None
+    return ConsensusNet(members, hold=tuple(int(k) for k in noop), window=window, quorum=quorum)
 
 
 def _net_from(arch: dict[str, Any], state: dict | None) -> PolicyNet | ConsensusNet:
