@@ -479,19 +479,24 @@ def report() -> str:
     text = (
         "# Leave-one-family-out validation of the vine policy (issue #22)\n\n"
         + setting
-        + "`python experiments/transfer/vine_lofo.py --jobs 2 --branches runs/vine-s{0,1,2}/"
-        "branches.jsonl --branches-fixed runs/vine-fix-s{0,1,2}/branches.jsonl` (the branch "
-        "data of `rlhpo train --agent vine --seed K`, K = 0, 1, 2, before and after the "
-        "lr-bounds fix of session 6; `--variants` runs some variants and keeps the other "
-        "rows). Each cell: the "
+        + "`python experiments/transfer/vine_lofo.py --jobs 2 --setting S --branches-fixed "
+        "runs/vine-fix-s{0,1,2}/branches.jsonl --collection all runs/vine-all-s{0,1,2}/"
+        "branches.jsonl --variants V` (the branch data of `rlhpo train --agent vine --seed K`, "
+        "K = 0, 1, 2, made after the lr-bounds fix of session 6; the `all` ones with `--set "
+        "branch_from=0 --set branch_until=1.0 --set branch_points=3`; `--variants` runs some "
+        "variants and keeps the other rows while the prior's runs reproduce). Each cell: the "
         "final normalised validation score on the fold family's train-split instances (eval "
         "seeds 0-2, start default, full budget), mean over tasks x seeds. A "
         "vine fold policy is fitted on the other families' branch episodes only: a `data = "
         "own` variant's training seed K uses collection K (its own seed's run), a `data = "
         "pool` variant's uses all three collections, bootstrap-resampled under K. The test "
         "split is not used. `runs moved`: runs in which "
-        'the policy left "keep" at least once (the others equal the prior\'s run exactly).\n\n'
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, 1 torch thread per process."
+        'the policy left "keep" at least once (the others equal the prior\'s run exactly). '
+        "The prior's runs are re-made on every call, and every row is from the machine "
+        "below: floating point differs between CPUs, and chaotic runs amplify it (session "
+        "8), so rows measured on other machines are in git history only.\n\n"
+        f"Machine: {platform.machine()}, {_cpu_name()}, torch CPU capability "
+        f"{_cpu_capability()}, {os.cpu_count()} cores, 1 torch thread per process."
         "\n\n"
         + "\n".join(lines)
         + "\n\n## Selection (the rule in `vine_variants.toml`)\n\n"
@@ -510,6 +515,22 @@ def report() -> str:
         json.dumps({"pick": pick, "summary": summary}, indent=1) + "\n"
     )
     return text
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def plot_decisions(rows: list[dict], names: list[str], folds: list[str]) -> Path:
