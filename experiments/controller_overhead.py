@@ -32,7 +32,7 @@ from rlhpo.controller import Controller
 from rlhpo.env import run_seed_for
 from rlhpo.observation import encoder_class
 from rlhpo.policy import PolicyNet, load_policy, save_policy
-from rlhpo.runtime import limit_threads
+from rlhpo.runtime import cpu_name, limit_threads
 from rlhpo.tasks import load_suite
 from rlhpo.trainees import build_trainee
 
@@ -134,7 +134,7 @@ def main() -> None:
                 flush=True,
             )
 
-    cpu = _cpu_name()
+    cpu = cpu_name()
     lines = [
         "# Controller overhead",
         "",
@@ -183,16 +183,6 @@ def _load() -> str:
         return f"{os.getloadavg()[0]:.1f}"
     except OSError:
         return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -157,12 +157,19 @@ def check_hold(hold: Any, nvec: tuple[int, ...]) -> None:
 MAX_MEMBERS = 8
 
 
+def check_members(k: Any) -> None:
+    """Raise :class:`PolicyFileError` unless ``k`` is a number of consensus members."""
+    if not _is_int(k) or not 2 <= k <= MAX_MEMBERS:
+        raise PolicyFileError(f"architecture.members must be 2 to {MAX_MEMBERS}, got {_short(k)}")
+
+
 class ConsensusNet(nn.Module):
     """An ensemble of :class:`PolicyNet` members that acts only where they agree.
 
     Where at least ``quorum`` members (default: all of them; more than half) pick the
-    same action, that action; elsewhere ``hold`` (the "keep" action). Members fitted on bootstrap resamples of the same branch data agree
-    where the data decide and disagree where a net extrapolates, so the ensemble keeps
+    same action, that action; elsewhere ``hold`` (the "keep" action). Members fitted on
+    bootstrap resamples of the same branch data agree where the data decide and
+    disagree where a net extrapolates, so the ensemble keeps
     the prior exactly where one net's move would be a guess (pessimism under
     uncertainty, as in ensemble-based offline RL). ``window`` limits it to a span of
     the budget, as :class:`PolicyNet`'s does. The members are stored as
@@ -178,10 +185,7 @@ class ConsensusNet(nn.Module):
         quorum: int | None = None,
     ):
         super().__init__()
-        if not 2 <= len(members) <= MAX_MEMBERS:
-            raise PolicyFileError(
-                f"architecture.members must be 2 to {MAX_MEMBERS}, got {len(members)}"
-            )
+        check_members(len(members))
         first = members[0].architecture()
         for m in members:
             if m.window is not None or m.architecture() != first:
@@ -215,7 +219,7 @@ class ConsensusNet(nn.Module):
             out[win] = acts[j][win]
         if self.window is not None:
             off = (batch[:, 0] < self.window[0]) | (batch[:, 0] > self.window[1])
-            out[off] = np.asarray(self.hold, dtype=np.int64)
+            out[off] = hold
         return out[0] if single else out
 
     def architecture(self) -> dict[str, Any]:
@@ -231,8 +235,9 @@ class ConsensusNet(nn.Module):
 
 
 def build_net(arch: dict[str, Any]) -> PolicyNet | ConsensusNet:
-    """An untrained net of a (checked) policy-file architecture: one :class:`PolicyNet`,
-    or a :class:`ConsensusNet` of ``members`` of them."""
+    """An untrained net of a policy-file architecture checked by :func:`validate_manifest`
+    (or made by a net's ``architecture()``): one :class:`PolicyNet`, or a
+    :class:`ConsensusNet` of ``members`` of them."""
     one = {
         "obs_dim": int(arch["obs_dim"]),
         "nvec": tuple(arch["nvec"]),
@@ -241,11 +246,8 @@ def build_net(arch: dict[str, Any]) -> PolicyNet | ConsensusNet:
     }
     if arch.get("members") is None:
         return PolicyNet(**one, window=arch.get("window"), hold=arch.get("hold"))
-    k = arch["members"]
-    if not _is_int(k) or not 2 <= k <= MAX_MEMBERS:
-        raise PolicyFileError(f"architecture.members must be 2 to {MAX_MEMBERS}, got {_short(k)}")
     return ConsensusNet(
-        [PolicyNet(**one) for _ in range(k)],
+        [PolicyNet(**one) for _ in range(arch["members"])],
         hold=arch.get("hold"),
         window=arch.get("window"),
         quorum=arch.get("quorum"),
@@ -518,13 +520,9 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict[str, Any]:
         if arch.get("members") is None:
             check_window(arch.get("window"), arch.get("hold"), tuple(nvec))
         else:
-            k = arch["members"]
-            if not _is_int(k) or not 2 <= k <= MAX_MEMBERS:
-                raise PolicyFileError(
-                    f"architecture.members must be 2 to {MAX_MEMBERS}, got {_short(k)}"
-                )
+            check_members(arch["members"])
             check_hold(arch.get("hold"), tuple(nvec))
-            check_quorum(arch.get("quorum"), k)
+            check_quorum(arch.get("quorum"), arch["members"])
             if arch.get("window") is not None:
                 check_window(arch["window"], arch.get("hold"), tuple(nvec))
     except PolicyFileError as e:

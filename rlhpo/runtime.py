@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark tables: floating point,
+    and so a chaotic training run, differs between CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def limit_threads(n: int | None = None) -> int:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,6 +16,8 @@ from safetensors.torch import load_file
 
 from rlhpo.agents.vine import BRANCHES, VineSettings, fit_consensus, read_branches
 from rlhpo.policy import ConsensusNet, PolicyFileError, PolicyNet, load_policy, save_policy
+from tests.test_policy_window import assert_bad_architecture
+from tests.test_vine import _train as _vine_train
 
 KEEP = (2, 1, 1)
 
@@ -110,12 +111,7 @@ def test_a_consensus_travels_in_the_policy_file(tmp_path):
 )
 def test_a_bad_consensus_in_a_policy_file_is_a_one_line_error(tmp_path, arch, what):
     path = save_policy(tmp_path / "p", ConsensusNet([_net(4), _net(0)], hold=KEEP), agent="t")
-    m = json.loads((path / "manifest.json").read_text())
-    m["architecture"] |= arch
-    (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(PolicyFileError, match=what) as e:
-        load_policy(path)
-    assert "\n" not in str(e.value)
+    assert_bad_architecture(path, arch, what)
 
 
 def test_members_of_another_architecture_are_refused():
@@ -169,32 +165,9 @@ def test_the_consensus_window_is_the_members_common_support():
 
 
 def _train(out, extra=()):
-    return [
-        sys.executable,
-        "-m",
-        "rlhpo.cli",
-        "train",
-        "--agent",
-        "vine",
-        "--suite",
-        "tiny",
-        "--out",
-        str(out),
-        "--no-wandb",
-        "--set",
-        "episodes_per_round=6",
-        "--set",
-        "branch_points=1",
-        "--set",
-        "workers=1",
-        "--set",
-        'curriculum=""',
-        "--set",
-        "ensemble=3",
-        "--set",
-        "support_window=true",
-        *extra,
-    ]
+    """The vine test's tiny run, as one round of 6 episodes fitting a consensus of 3."""
+    one_round = ["--set", "rounds=1", "--set", "episodes_per_round=6", "--set", "ensemble=3"]
+    return _vine_train(out, [*one_round, *extra])
 
 
 def test_a_killed_ensemble_run_resumes_to_the_uninterrupted_policy(tmp_path):

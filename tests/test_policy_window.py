@@ -68,7 +68,12 @@ def test_the_window_travels_in_the_policy_file(tmp_path):
     ],
 )
 def test_a_bad_window_in_a_policy_file_is_a_one_line_error(tmp_path, arch, what):
-    path = save_policy(tmp_path / "p", _mover(), agent="test")
+    assert_bad_architecture(save_policy(tmp_path / "p", _mover(), agent="test"), arch, what)
+
+
+def assert_bad_architecture(path, arch: dict, what: str) -> None:
+    """With ``arch`` merged into the saved policy's manifest architecture, loading it is
+    a one-line :class:`PolicyFileError` that matches ``what``."""
     m = json.loads((path / "manifest.json").read_text())
     m["architecture"] |= arch
     (path / "manifest.json").write_text(json.dumps(m))

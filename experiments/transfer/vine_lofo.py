@@ -157,6 +157,31 @@ def data_source(v: dict) -> tuple[str, str]:
     return mode, name
 
 
+def check_variant(v: dict) -> None:
+    """A vine variant's keys, checked before any run: ``data``, ``label_from`` (a decision
+    index >= 0), ``label_until`` (a budget fraction in (0, 1]), and its recipe (``set``
+    with ``ensemble``) as the vine agent reads it. A bad value is a one-line error."""
+    from rlhpo.agents import load_settings
+
+    name = v.get("name")
+    data_source(v)
+    lo, hi = v.get("label_from", 0), v.get("label_until", 1.0)
+    if not isinstance(lo, int) or isinstance(lo, bool) or lo < 0:
+        raise SystemExit(f"variant {name!r}: label_from must be an integer >= 0, got {lo!r}")
+    if not isinstance(hi, (int, float)) or isinstance(hi, bool) or not 0 < hi <= 1:
+        raise SystemExit(f"variant {name!r}: label_until must be a number in (0, 1], got {hi!r}")
+    try:
+        load_settings("vine", overrides=_overrides(v))
+    except ValueError as e:
+        raise SystemExit(f"variant {name!r}: {e}") from None
+
+
+def _overrides(v: dict) -> list[str]:
+    """The recipe overrides of a vine variant: its ``set``, and its ``ensemble``."""
+    ens = v.get("ensemble", 0)
+    return [*v.get("set", []), *([f"ensemble={ens}"] if ens else [])]
+
+
 def label_range(episodes: list[dict], v: dict) -> list[dict]:
     """The episodes with only the branched states a variant labels: decisions from
     ``label_from`` (index) and budget fractions below ``label_until`` (emulates a
@@ -170,28 +195,21 @@ def label_range(episodes: list[dict], v: dict) -> list[dict]:
     ]
 
 
-def fit(
-    episodes: list[dict],
-    family: str | None,
-    seed: int,
-    overrides: list[str],
-    bootstrap: bool,
-    ensemble: int = 0,
-):
-    """The agent's fit (:func:`rlhpo.agents.vine.fit_member`, or ``fit_consensus`` for
-    ``ensemble`` members) on the episodes of every family but ``family``; with
+def fit(episodes: list[dict], family: str | None, seed: int, overrides: list[str], bootstrap: bool):
+    """The agent's fit (:func:`rlhpo.agents.vine.fit_member`, or ``fit_consensus`` when
+    ``overrides`` set an ensemble) on the episodes of every family but ``family``; with
     ``bootstrap`` and one net, on a resample of them under ``seed``."""
     from rlhpo.actions import noop_of
     from rlhpo.agents import load_settings
-    from rlhpo.agents.vine import fit_consensus, fit_member, labelled_states
+    from rlhpo.agents.vine import fit_consensus, fit_member
     from rlhpo.knobs import KNOBS
+    from rlhpo.observation import encoder_class
 
-    extra = [f"ensemble={ensemble}"] if ensemble else []
-    s = load_settings("vine", overrides=[*overrides, *extra])
+    s = load_settings("vine", overrides=overrides)
     pool = [e for e in episodes if e["family"] != family]
     noop = noop_of(KNOBS)
-    obs_dim = labelled_states(pool)[0].shape[1]
-    if ensemble:  # each member resamples under (seed, j)
+    obs_dim = encoder_class(s.obs_version).size_for(KNOBS)
+    if s.ensemble:  # each member resamples under (seed, j)
         net = fit_consensus(pool, s, seed, obs_dim, (5, 3, 3), noop, 0)
     else:
         if bootstrap:
@@ -322,14 +340,7 @@ def evaluate(
                     else:  # the set's collections together, resampled per training seed
                         n = max(1, len(branches.get(src[1], [])))  # none: collection() says so
                         data = [e for k in range(n) for e in collection(src[1], k)]
-                    pol = fit(
-                        label_range(data, v),
-                        fam,
-                        tseed,
-                        v.get("set", []),
-                        src[0] == "pool",
-                        int(v.get("ensemble", 0)),
-                    )
+                    pol = fit(label_range(data, v), fam, tseed, _overrides(v), src[0] == "pool")
                 for t in tasks:
                     for es in EVAL_SEEDS:
                         p = prior[(t, es)]
@@ -495,8 +506,7 @@ def report() -> str:
         "The prior's runs are re-made on every call, and every row is from the machine "
         "below: floating point differs between CPUs, and chaotic runs amplify it (session "
         "8), so rows measured on other machines are in git history only.\n\n"
-        f"Machine: {platform.machine()}, {_cpu_name()}, torch CPU capability "
-        f"{_cpu_capability()}, {os.cpu_count()} cores, 1 torch thread per process."
+        f"Machine: {_machine()}, {os.cpu_count()} cores, 1 torch thread per process."
         "\n\n"
         + "\n".join(lines)
         + "\n\n## Selection (the rule in `vine_variants.toml`)\n\n"
@@ -517,20 +527,15 @@ def report() -> str:
     return text
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _cpu_capability() -> str:
+def _machine() -> str:
+    """The architecture, CPU model and torch's CPU capability (float results differ
+    between CPUs, so a table names the one that made it)."""
     import torch
 
-    return str(torch.backends.cpu.get_cpu_capability())
+    from rlhpo.runtime import cpu_name
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{platform.machine()}, {cpu_name()}, torch CPU capability {cap}"
 
 
 def plot_decisions(rows: list[dict], names: list[str], folds: list[str]) -> Path:
@@ -634,6 +639,9 @@ def main() -> None:
         raise SystemExit(
             f"--variants must name variants of vine_variants.toml ({names}), got {bad}"
         )
+    for v in load_variants()[0]:
+        if v["kind"] == "vine" and (only is None or v["name"] in only):
+            check_variant(v)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if a.setting != SETTING or a.pilot != PILOT:  # read at import, also by the workers
         os.environ["RLHPO_LOFO_SETTING"] = a.setting

@@ -704,18 +704,18 @@ def train_vine(
                 obs, adv, w = labelled_states(episodes)
                 if s.ensemble:  # one round (validated): K bootstrap members, one consensus
                     net = fit_consensus(episodes, s, seed, net.obs_dim, codec_nvec, noop, lr_dim)
-                    moving = net.act(obs) != np.asarray(noop) if len(obs) else np.zeros((0, 1))
+                    moving = (net.act(obs) != noop).any(-1).mean() if len(obs) else 0.0
                     stats = {
                         "states": len(obs),
                         "members": s.ensemble,
-                        "share_moving": float(moving.any(-1).mean()) if len(obs) else 0.0,
+                        "share_moving": float(moving),
                     }
                 else:
                     if rnd == 1:
                         set_obs_norm(net, obs)
                     stats = update(net, obs, adv, w, lr_dim, int(noop[lr_dim]), s)
-                if s.support_window and not s.ensemble:
-                    restrict_to_support(net, obs, noop)
+                    if s.support_window:
+                        restrict_to_support(net, obs, noop)
                 tracker.log(
                     {
                         "timesteps": total_steps,
