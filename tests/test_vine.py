@@ -184,6 +184,14 @@ def _train(out, extra=()):
         'curriculum=""',
         "--set",
         "support_window=true",  # resumed, the window is rebuilt from the episodes
+        "--set",
+        "branch_from=1",  # the window then lies inside (0, 0.5]
+        "--set",
+        "branch_until=0.5",
+        "--set",
+        "ensemble=0",  # one net over two rounds (the recipe's consensus needs one round)
+        "--set",
+        "quorum=0",
         *extra,
     ]
 

@@ -176,10 +176,17 @@ def check_variant(v: dict) -> None:
         raise SystemExit(f"variant {name!r}: {e}") from None
 
 
+#: The fit keys whose recipe defaults changed when a variant shipped (session 9), at
+#: the values every variant of ``vine_variants.toml`` was written against: a variant
+#: names only what it changes from these, so its rows re-make as they were.
+VARIANT_BASE = ["support_window=false", "ensemble=0", "quorum=0"]
+
+
 def _overrides(v: dict) -> list[str]:
-    """The recipe overrides of a vine variant: its ``set``, and its ``ensemble``."""
+    """The recipe overrides of a vine variant: :data:`VARIANT_BASE`, its ``set``, and
+    its ``ensemble``."""
     ens = v.get("ensemble", 0)
-    return [*v.get("set", []), *([f"ensemble={ens}"] if ens else [])]
+    return [*VARIANT_BASE, *v.get("set", []), *([f"ensemble={ens}"] if ens else [])]
 
 
 def label_range(episodes: list[dict], v: dict) -> list[dict]:
@@ -393,10 +400,15 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------ report
-def report() -> str:
-    rows = list(csv.DictReader((OUT / "results.csv").open()))
-    variants, raw = load_variants()
-    variants = [v for v in variants if any(r["variant"] == v["name"] for r in rows)]
+#: The settings the amended rule judges (session 9): the committed one and the three
+#: with the Controller's rollback (x1, peak x1/4, peak x4).
+RULE_SETTINGS = ("", "rollback", "rollback-x0.25", "rollback-x4")
+
+
+def summarise(rows: list[dict], variants: list[dict]) -> tuple[list[str], dict, dict]:
+    """One setting's rows as (table lines, summary, prior per fold): a variant's summary
+    is its median training seed's mean over the folds and its worst fold's Δ against
+    the prior, with its ``kind``."""
     folds = sorted({r["fold"] for r in rows})
     # variant -> seed -> fold -> mean final
     cell: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -411,10 +423,11 @@ def report() -> str:
     summary = {}
     for v in variants:
         name = v["name"]
+        if name not in cell:
+            continue
         per_seed = {}
         for seed, byfold in sorted(cell[name].items()):
-            means = {f: statistics.fmean(byfold[f]) for f in folds}
-            per_seed[seed] = means
+            per_seed[seed] = {f: statistics.fmean(byfold[f]) for f in folds}
         overall = {s: statistics.fmean(m.values()) for s, m in per_seed.items()}
         order = sorted(overall, key=overall.get)
         median_seed = order[len(order) // 2]
@@ -439,20 +452,106 @@ def report() -> str:
             "worst": min(m[f] - prior[f] for f in folds),
             "kind": v["kind"],
         }
-    best_prior = statistics.fmean(prior.values())
+    return lines, summary, prior
+
+
+def select(summary: dict) -> dict:
+    """The rule of ``vine_variants.toml`` on summaries ``{name: {mean, worst, kind}}``:
+    a vine row qualifies if its worst fold is >= -0.01; rows within 0.005 of the best
+    qualifying mean tie, and among them the prior wins, then the rule, then the higher
+    mean. Returns the pick with the qualifying and tied names and the best mean."""
     qual = {n: s for n, s in summary.items() if s["kind"] != "vine" or s["worst"] >= -0.01}
     top = max(s["mean"] for s in qual.values())
     tied = [n for n, s in qual.items() if s["mean"] >= top - 0.005]
     rank = {"prior": 0, "rule": 1, "vine": 2}
     pick = min(tied, key=lambda n: (rank[summary[n]["kind"]], -summary[n]["mean"]))
+    return {"pick": pick, "qualifying": list(qual), "tied": tied, "top": top}
+
+
+def across_settings(per_setting: dict[str, dict]) -> dict:
+    """The amended rule (session 9): a variant's summary over the settings of
+    :data:`RULE_SETTINGS` is the mean of its per-setting means and the worst of its
+    per-setting worst folds; variants missing a setting are left out. Then
+    :func:`select` as in one setting."""
+    missing = [s for s in RULE_SETTINGS if s not in per_setting]
+    if missing:
+        raise ValueError(
+            f"the amended rule needs every setting of {RULE_SETTINGS}; missing {missing}"
+        )
+    names = [n for n in per_setting[""] if all(n in per_setting[s] for s in RULE_SETTINGS)]
+    return {
+        n: {
+            "mean": statistics.fmean(per_setting[s][n]["mean"] for s in RULE_SETTINGS),
+            "worst": min(per_setting[s][n]["worst"] for s in RULE_SETTINGS),
+            "kind": per_setting[""][n]["kind"],
+            "means": [per_setting[s][n]["mean"] for s in RULE_SETTINGS],
+        }
+        for n in names
+    }
+
+
+def _amended_selection(variants: list[dict]) -> tuple[str, dict | None]:
+    """The amended rule's table and pick, from every setting's ``results.csv``."""
+    per_setting = {}
+    for s in RULE_SETTINGS:
+        path = HERE / ("vine_lofo" + (f"_{s}" if s else "")) / "results.csv"
+        if path.is_file():
+            per_setting[s] = summarise(list(csv.DictReader(path.open())), variants)[1]
+    try:
+        combined = across_settings(per_setting)
+    except ValueError as e:
+        return f"Not computed: {e}.", None
+    sel = select(combined)
+    prior = combined["prior"]["means"]
+    lines = [
+        "| variant | "
+        + " | ".join(f"`{s or 'committed'}`" for s in RULE_SETTINGS)
+        + " | score (mean) | Δ prior | worst fold Δ (any setting) | qualifies |",
+        "|" + "---|" * (len(RULE_SETTINGS) + 5),
+    ]
+    for n, s in combined.items():
+        lines.append(
+            f"| {n} | "
+            + " | ".join(f"{m:.3f} ({m - p:+.3f})" for m, p in zip(s["means"], prior, strict=True))
+            + f" | {s['mean']:.3f} | {s['mean'] - combined['prior']['mean']:+.3f} | "
+            f"{s['worst']:+.3f} | {'yes' if n in sel['qualifying'] else 'no'} |"
+        )
+    text = (
+        "\n".join(lines)
+        + f"\n\nQualifying: {', '.join(sel['qualifying'])}. Within 0.005 of the best "
+        f"({sel['top']:.3f}): {', '.join(sel['tied'])}. **Pick (amended rule): {sel['pick']}.**"
+    )
+    return text, {"pick": sel["pick"], "summary": combined}
+
+
+def report() -> str:
+    rows = list(csv.DictReader((OUT / "results.csv").open()))
+    variants, raw = load_variants()
+    variants = [v for v in variants if any(r["variant"] == v["name"] for r in rows)]
+    folds = sorted({r["fold"] for r in rows})
+    lines, summary, prior = summarise(rows, variants)
+    best_prior = statistics.fmean(prior.values())
+    first = select(summary)
+    pick = first["pick"]
     sel = (
         f"Prior mean {best_prior:.3f}. Median-seed means: "
         + ", ".join(
             f"{n} {s['mean']:.3f} (worst fold {s['worst']:+.3f})" for n, s in summary.items()
         )
-        + f". Qualifying: {', '.join(qual)}. Within 0.005 of the best ({top:.3f}): "
-        f"{', '.join(tied)}. **Pick: {pick}.**"
+        + f". Qualifying: {', '.join(first['qualifying'])}. Within 0.005 of the best "
+        f"({first['top']:.3f}): {', '.join(first['tied'])}. **Pick: {pick}.**"
     )
+    amended = None
+    if not SETTING and not PILOT:
+        amended_text, amended = _amended_selection(variants)
+        sel = (
+            "**The rule as amended in session 9** (`vine_variants.toml`): every variant "
+            "over the four settings, each cell the median training seed's mean (Δ the "
+            "prior of that setting).\n\n"
+            + amended_text
+            + "\n\n**The rule before the amendment** (this setting only): "
+            + sel
+        )
     # Decision distribution of every variant that moves, per family.
     dist = [
         "| variant | family | decisions off keep (runs moved) | lr moves (x1/4, x1/2, x2, "
@@ -521,9 +620,10 @@ def report() -> str:
     if SETTING:
         return text
     plot_decisions(rows, [v["name"] for v in variants if v["kind"] != "prior"], folds)
-    (OUT / "selection.json").write_text(
-        json.dumps({"pick": pick, "summary": summary}, indent=1) + "\n"
-    )
+    picked = {"pick_first_rule": pick, "summary": summary}
+    if amended is not None:
+        picked = {"pick": amended["pick"], "amended": amended} | picked
+    (OUT / "selection.json").write_text(json.dumps(picked, indent=1) + "\n")
     return text
 
 

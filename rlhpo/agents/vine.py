@@ -173,7 +173,7 @@ class VineSettings(EnvSettings):
                 or (self.ensemble and self.ensemble // 2 < self.quorum <= self.ensemble)
             ),
             "quorum must be 0 (all members) or, with ensemble, more than half of its members "
-            "and at most all",
+            "and at most all (with ensemble = 0, set quorum = 0 too)",
             self.quorum,
         )
         load_curriculum(self.curriculum, [])  # a missing or malformed file fails here, not mid-run
