@@ -317,18 +317,19 @@ def test_env_and_compare_run_fine_tuning_tasks_from_the_users_lr(write_suite, tm
     from rlhpo.policy import load_policy
 
     suite = load_suite(write_suite(TINY_FT_SUITE))
-    base = load_policy("default").base_schedule.with_peak("user", 30.0)
+    # the prior (always "keep"): the lr is then the base schedule's alone
+    base = load_policy("v2-prior").base_schedule.with_peak("user", 30.0)
     env = HPOEnv(suite, split="test", base_schedule=base)
     env.reset(seed=0, options={"start": "default"})
     assert env.hp["lr"] == pytest.approx(3e-3)  # the task's lr 1e-4 x 30
     _, _, _, _, info = env.step(np.array(ActionCodec.NOOP))
     assert 0 < info["lr_in_force"] < 3e-3  # warming up towards it
     spec = suite.task("held")
-    method = parse_method("policy:default?base_peak=user&peak_factor=30")
+    method = parse_method("policy:v2-prior?base_peak=user&peak_factor=30")
     cell = Cell(method, spec, 0, "default", str(tmp_path), "t", suite_name="tinyft")
     run = method.run(cell)
     assert max(r["lr"] for r in run.outcome.trace) <= 3e-3 + 1e-12
-    tuned = parse_method("policy:default").run(cell)
+    tuned = parse_method("policy:v2-prior").run(cell)
     assert max(r["lr"] for r in tuned.outcome.trace) > 1e-2  # the from-scratch peak
 
 

@@ -32,7 +32,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rule", default="rescue")
     ap.add_argument("--optuna", default="optuna-tpe:20")
     ap.add_argument("--static-now", default="static-now")
+    ap.add_argument(
+        "--others",
+        nargs="*",
+        default=["warmup-cosine", "schedulefree", "prodigy", "static"],
+        help="other methods reported beside (IQM and per-task medians)",
+    )
+    ap.add_argument(
+        "--static",
+        default="static",
+        help="the static run the no-harm goal compares with (one made beside the policy)",
+    )
+    ap.add_argument(
+        "--offpeak",
+        nargs="*",
+        default=[],
+        metavar="POLICY=PRIOR",
+        help="pairs of labels run at the same pinned peak factor (policy:..?base_peak=tuned"
+        "&peak_factor=F): reported as IQMs and per-task medians, policy against prior",
+    )
     a = ap.parse_args(argv)
+    pairs = []
+    for text in a.offpeak:
+        pol, sep, pri = text.partition("=")
+        if not sep or not pol or not pri:
+            raise SystemExit(f"--offpeak must be POLICY=PRIOR labels, got {text!r}")
+        pairs.append((pol, pri))
     folder = Path(a.folder)
     rows = [
         r
@@ -63,21 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|",
     ]
     iq = {}
-    for m in (
-        a.policy,
-        a.prior,
-        a.rule,
-        a.optuna,
-        "warmup-cosine",
-        "schedulefree",
-        "prodigy",
-        "static",
-    ):
+    for m in (a.policy, a.prior, a.rule, a.optuna, *a.others):
         if any(r["method"] == m for r in rows):
             iq[m] = iqm(m)
             lines.append(f"| {m} | {iq[m][0]:.3f} [{iq[m][1]:.3f}, {iq[m][2]:.3f}] |")
+    for m in (a.static, *(m for pair in pairs for m in pair)):
+        if m not in iq and any(r["method"] == m for r in rows):
+            iq[m] = iqm(m)
+            lines.append(f"| {m} | {iq[m][0]:.3f} [{iq[m][1]:.3f}, {iq[m][2]:.3f}] |")
+    missing = sorted({a.policy, a.prior, a.rule, a.static} - set(iq))
+    if missing:
+        raise SystemExit(f"{folder / 'results.csv'} has no default-start rows of {missing}")
     p = iq[a.policy][0]
-    pol, static = scores(a.policy), scores("static")
+    pol, static = scores(a.policy), scores(a.static)
     med = {t: statistics.median(pol[t]) for t in tasks}
     harm = [t for t in tasks if med[t] < statistics.median(static[t]) - 0.01]
     moves = decisions = 0
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if t in med:
             lines.append(f"- {t} median >= {goal}: {med[t]:.3f}: {mark(med[t] >= goal)}.")
     lines.append(
-        f"- No harm (median >= static median - 0.01): {len(tasks) - len(harm)} of "
+        f"- No harm (median >= `{a.static}` median - 0.01): {len(tasks) - len(harm)} of "
         f"{len(tasks)} tasks: {mark(not harm)}"
         + (f" (harmed: {', '.join(harm)})." if harm else ".")
     )
@@ -130,6 +153,21 @@ def main(argv: list[str] | None = None) -> int:
             f"median optimizer steps {st:.2f}x, wall time {w:.2f}x (goal <= 1.25x): "
             f"{mark(w <= 1.25)}."
         )
+    for pol_m, pri_m in pairs:
+        if pol_m in iq and pri_m in iq:
+            mp, mq = scores(pol_m), scores(pri_m)
+            worse = [
+                t
+                for t in tasks
+                if mp[t] and statistics.median(mp[t]) < statistics.median(mq[t]) - 0.01
+            ]
+            lines.append(
+                f"- `{pol_m}` against `{pri_m}` (the same base peak): IQM "
+                f"{iq[pol_m][0]:.3f} against {iq[pri_m][0]:.3f} "
+                f"({iq[pol_m][0] - iq[pri_m][0]:+.3f}); below the prior by more than 0.01 "
+                f"on {len(worse)} of {len(tasks)} tasks"
+                + (f" ({', '.join(worse)})." if worse else ".")
+            )
     lines += [
         "",
         "## Per task: median normalised test score",
