@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = ("", "rollback", "rollback-x0.25", "rollback-x4")
+sys.path.insert(0, str(HERE))
+from vine_lofo import RULE_SETTINGS as SETTINGS  # noqa: E402
+from vine_lofo import finish_decision_plot  # noqa: E402
+
 MOVES = {0: "x1/4", 1: "x1/2", 3: "x2", 4: "x4"}
 
 
@@ -94,17 +97,9 @@ def plot(variant: str, by_setting: dict[str, list[dict]], png: Path) -> None:
                     color=f"C{j}",
                     label=f"{s or 'committed'}: lr {d}",
                 )
-    ax1.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, folds, rotation=30)
-    ax1.set_ylabel("share of runs that left keep")
-    ax1.set_title(f"{variant}: held-out family (3 train seeds x 3 eval seeds)")
-    ax1.legend(fontsize=8)
-    ax2.set_xlabel("budget fraction at the decision")
-    ax2.set_ylabel("decisions off keep (all folds, seeds)")
-    ax2.set_title("when and which way it moves")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    finish_decision_plot(
+        fig, folds, width, f"{variant}: held-out family (3 train seeds x 3 eval seeds)", "it", png
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

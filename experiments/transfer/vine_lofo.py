@@ -674,19 +674,30 @@ def plot_decisions(rows: list[dict], names: list[str], folds: list[str]) -> Path
             histtype="step",
             label=[f"{n}: lr down", f"{n}: lr up"],
         )
+    path = HERE / "vine_decisions.png"
+    finish_decision_plot(
+        fig, folds, width, "held-out family (train-split instances, 3 seeds)", "they", path
+    )
+    return path
+
+
+def finish_decision_plot(fig, folds: list[str], width: float, title: str, who: str, path: Path):
+    """Label the two panels of a decision plot (runs moved per family; when and which
+    way the moves go) and save it."""
+    import matplotlib.pyplot as plt
+
+    ax1, ax2 = fig.axes
     ax1.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, folds, rotation=30)
     ax1.set_ylabel("share of runs that left keep")
-    ax1.set_title("held-out family (train-split instances, 3 seeds)")
+    ax1.set_title(title)
     ax1.legend(fontsize=8)
     ax2.set_xlabel("budget fraction at the decision")
     ax2.set_ylabel("decisions off keep (all folds, seeds)")
-    ax2.set_title("when and which way they move")
+    ax2.set_title(f"when and which way {who} move" + ("s" if who == "it" else ""))
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    path = HERE / "vine_decisions.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
 def main() -> None:
