@@ -201,6 +201,53 @@ class ConsensusNet(nn.Module):
         self.obs_dim, self.nvec = members[0].obs_dim, members[0].nvec
         self.hold = tuple(int(k) for k in hold)
         self.window = None if window is None else (float(window[0]), float(window[1]))
+        self._slots: list[tuple[nn.Module, str]] = []
+        self._stack_key: tuple = ()
+        self._stack: tuple = ()
+
+    def _stacked(self) -> tuple:
+        """The members' buffers and layers stacked along a first axis of size K (rebuilt
+        whenever a tensor was replaced or changed in place), for one batched pass."""
+        ms = list(self.members)
+        layers = [i for i, mod in enumerate(ms[0].policy_net) if isinstance(mod, nn.Linear)]
+        if not self._slots:  # (module, tensor name): the structure is fixed, the tensors not
+            for m in ms:
+                self._slots += [(m, "obs_mean"), (m, "obs_std"), (m.action_net, "weight")]
+                self._slots += [(m.action_net, "bias")]
+                self._slots += [(m.policy_net[i], n) for i in layers for n in ("weight", "bias")]
+        key = tuple((id(x), x._version) for x in (getattr(mod, n) for mod, n in self._slots))
+        if key != self._stack_key:
+
+            def stack(get):
+                return torch.stack([get(m).detach() for m in ms])
+
+            hidden = [
+                (
+                    stack(lambda m, i=i: m.policy_net[i].weight).transpose(1, 2),
+                    stack(lambda m, i=i: m.policy_net[i].bias).unsqueeze(1),
+                )
+                for i in layers
+            ]
+            self._stack = (
+                stack(lambda m: m.obs_mean).unsqueeze(1),
+                stack(lambda m: m.obs_std).unsqueeze(1),
+                hidden,
+                stack(lambda m: m.action_net.weight).transpose(1, 2),
+                stack(lambda m: m.action_net.bias).unsqueeze(1),
+            )
+            self._stack_key = key
+        return self._stack
+
+    def _member_actions(self, batch: np.ndarray) -> np.ndarray:
+        """Every member's greedy action, ``[K, B, len(nvec)]``, in one batched pass."""
+        mean, std, hidden, w_out, b_out = self._stacked()
+        f = torch.tanh if self.members[0].activation == "tanh" else torch.relu
+        x = (torch.as_tensor(batch).unsqueeze(0) - mean) / std
+        for w, b in hidden:
+            x = f(torch.baddbmm(b, x, w))
+        logits = torch.baddbmm(b_out, x, w_out)
+        parts = [lg.argmax(-1) for lg in torch.split(logits, list(self.nvec), dim=-1)]
+        return torch.stack(parts, -1).numpy().astype(np.int64)
 
     @torch.no_grad()
     def act(
@@ -210,7 +257,10 @@ class ConsensusNet(nn.Module):
         o = np.asarray(obs, dtype=np.float32)
         single = o.ndim == 1
         batch = o[None] if single else o
-        acts = np.stack([m.act(batch, deterministic, generator) for m in self.members])
+        if deterministic:
+            acts = self._member_actions(batch)
+        else:
+            acts = np.stack([m.act(batch, deterministic, generator) for m in self.members])
         hold = np.asarray(self.hold, dtype=np.int64)
         out = np.tile(hold, (len(batch), 1))
         for j in range(len(self.members) - self.quorum + 1):  # a quorum includes one of these

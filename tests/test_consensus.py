@@ -202,3 +202,26 @@ def test_a_killed_ensemble_run_resumes_to_the_uninterrupted_policy(tmp_path):
     m_cut = json.loads((cut / "policy" / "manifest.json").read_text())
     assert m_cut["architecture"] == m_full["architecture"]
     assert m_cut["resumes"] == 2
+
+
+def test_the_batched_pass_gives_every_members_own_action_and_follows_changed_weights():
+    torch.manual_seed(0)
+    members = [PolicyNet() for _ in range(5)]
+    with torch.no_grad():  # non-trivial normalisation too
+        for m in members:
+            m.obs_mean.normal_()
+            m.obs_std.uniform_(0.5, 2.0)
+    net = ConsensusNet(members, hold=KEEP, quorum=3)
+    obs = np.random.default_rng(0).normal(size=(2000, members[0].obs_dim)).astype(np.float32)
+    own = np.stack([m.act(obs) for m in members])
+    assert (net._member_actions(obs) == own).all()
+    assert (net._member_actions(obs[:1]) == own[:, :1]).all()  # one observation
+    before = net.act(obs[0])
+    with torch.no_grad():  # an in-place change (as load_state_dict makes) is seen
+        for m in members:
+            m.action_net.bias[0] += 100.0
+    assert list(net.act(obs[0]))[0] == 0 != before[0]
+    for m in members:  # and a replaced tensor
+        m.action_net.bias = torch.nn.Parameter(torch.zeros_like(m.action_net.bias))
+        m.action_net.weight = torch.nn.Parameter(torch.zeros_like(m.action_net.weight))
+    assert list(net.act(obs[0])) == [0, 0, 0]  # all logits equal: argmax is the first
