@@ -140,7 +140,19 @@ def main() -> None:
     ap.add_argument("--budget-scale", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=HERE / "regret.csv")
     ap.add_argument("--report", action="store_true", help="only rewrite regret.md")
+    ap.add_argument(
+        "--curriculum",
+        type=Path,
+        default=None,
+        help="where the curriculum JSON goes (default: the vine recipe's "
+        "rlhpo/recipes/regret-default.json for the default --out, else beside --out, so "
+        "that a measurement elsewhere never changes the shipped recipe)",
+    )
     a = ap.parse_args()
+    default_out = a.out.resolve() == (HERE / "regret.csv").resolve()
+    curriculum = a.curriculum or (
+        CURRICULUM if default_out else a.out.with_name(a.out.stem + "-curriculum.json")
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not a.report:
         from rlhpo.tasks import load_suite
@@ -162,10 +174,13 @@ def main() -> None:
                 print(f"{i + 1}/{len(futs)} {time.time() - t0:.0f}s", flush=True)
     _, table = regret_table(a.out)
     rows = curriculum_rows(a.out)
-    CURRICULUM.write_text(
+    cmd = "python experiments/transfer/regret.py --jobs 2" + (
+        "" if default_out else f" --out {a.out}"
+    )
+    curriculum.write_text(
         json.dumps(
             {
-                "source": "python experiments/transfer/regret.py --jobs 2 (experiments/transfer/regret.csv)",
+                "source": f"{cmd} ({a.out.name})",
                 "meaning": "regret of the prior (tuned warm-up + cosine, guard on, half budget, start "
                 "default) per train task and hidden lr factor: best mean final normalised "
                 "validation score over the factor grid minus the mean at this factor",
@@ -175,7 +190,6 @@ def main() -> None:
         )
         + "\n"
     )
-    cmd = "python experiments/transfer/regret.py --jobs 2"
     (a.out.with_suffix(".md")).write_text(
         "# Regret of the prior on the train split (issue #22)\n\n"
         f"`{cmd}`. Final normalised validation score of the tuned warm-up + cosine "
