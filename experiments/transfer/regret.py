@@ -31,7 +31,9 @@ CURRICULUM = HERE.parent.parent / "rlhpo" / "recipes" / "regret-default.json"
 FIELDS = ["task", "family", "scale", "seed", "final", "best", "curve", "seconds"]
 
 
-def run_one(task: str, scale: float, seed: int, budget_scale: float) -> dict:
+def run_one(
+    task: str, scale: float, seed: int, budget_scale: float, suite: str = "default"
+) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -41,7 +43,7 @@ def run_one(task: str, scale: float, seed: int, budget_scale: float) -> dict:
 
     # The recipe's env (residual over the tuned schedule, observation v2, the guard),
     # with the hidden lr factor pinned to the grid point.
-    cfg = load_settings("ppo").env_config("default")
+    cfg = load_settings("ppo").env_config(suite)
     env = HPOEnv(
         EnvConfig.of(cfg, budget_scale=budget_scale, lr_scale=(scale, scale), timing=False)
     )
@@ -53,7 +55,7 @@ def run_one(task: str, scale: float, seed: int, budget_scale: float) -> dict:
         obs, _, term, trunc, info = env.step(env.codec.noop)
         curve.append(info["val_norm_score"])
         done = term or trunc
-    fam = load_suite("default").task(task).family
+    fam = load_suite(suite).task(task).family
     return {
         "task": task,
         "family": fam,
@@ -140,6 +142,7 @@ def main() -> None:
     ap.add_argument("--budget-scale", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=HERE / "regret.csv")
     ap.add_argument("--report", action="store_true", help="only rewrite regret.md")
+    ap.add_argument("--suite", default="default", help="a suite name or TOML (its train split)")
     ap.add_argument(
         "--curriculum",
         type=Path,
@@ -150,6 +153,10 @@ def main() -> None:
     )
     a = ap.parse_args()
     default_out = a.out.resolve() == (HERE / "regret.csv").resolve()
+    if a.suite != "default" and default_out:
+        raise SystemExit(
+            f"--suite {a.suite} needs its own --out (regret.csv is the default suite's)"
+        )
     curriculum = a.curriculum or (
         CURRICULUM if default_out else a.out.with_name(a.out.stem + "-curriculum.json")
     )
@@ -157,7 +164,7 @@ def main() -> None:
     if not a.report:
         from rlhpo.tasks import load_suite
 
-        tasks = [s.name for s in load_suite("default").split("train")]
+        tasks = [s.name for s in load_suite(a.suite).split("train")]
         seeds = [int(s) for s in a.seeds.split(",")]
         done = _done(a.out)
         todo = [(t, c, s) for t in tasks for c in GRID for s in seeds if (t, c, s) not in done]
@@ -167,15 +174,17 @@ def main() -> None:
             w = csv.DictWriter(f, FIELDS)
             if new:
                 w.writeheader()
-            futs = [ex.submit(run_one, t, c, s, a.budget_scale) for t, c, s in todo]
+            futs = [ex.submit(run_one, t, c, s, a.budget_scale, a.suite) for t, c, s in todo]
             for i, fu in enumerate(futs):
                 w.writerow(fu.result())
                 f.flush()
                 print(f"{i + 1}/{len(futs)} {time.time() - t0:.0f}s", flush=True)
     _, table = regret_table(a.out)
     rows = curriculum_rows(a.out)
-    cmd = "python experiments/transfer/regret.py --jobs 2" + (
-        "" if default_out else f" --out {a.out}"
+    cmd = (
+        "python experiments/transfer/regret.py --jobs 2"
+        + ("" if a.suite == "default" else f" --suite {a.suite}")
+        + ("" if default_out else f" --out {a.out}")
     )
     curriculum.write_text(
         json.dumps(

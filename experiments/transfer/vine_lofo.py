@@ -52,7 +52,13 @@ SETTINGS = {"": (False, 1.0), "rollback": (True, 1.0)}
 SETTINGS |= {f"rollback-x{c:g}": (True, c) for c in (0.25, 4.0)}
 if SETTING not in SETTINGS:
     raise SystemExit(f"RLHPO_LOFO_SETTING must be one of {sorted(SETTINGS)}, got {SETTING!r}")
-OUT = HERE / ("vine_lofo" + (f"_{SETTING}" if SETTING else ""))
+#: ``--suite``: the suite whose train families are the folds ("default"; session 9's
+#: experiments/transfer/suites/default-bert.toml adds a BERT family that no collection
+#: holds, so its fold policy is fitted on every episode). Another suite writes its own
+#: tables (``vine_lofo_<suite stem>...``) and never takes part in the selection.
+SUITE = os.environ.get("RLHPO_LOFO_SUITE", "default")
+PREFIX = "vine_lofo" + ("" if SUITE == "default" else f"_{Path(SUITE).stem}")
+OUT = HERE / (PREFIX + (f"_{SETTING}" if SETTING else ""))
 #: ``--pilot PATH``: one collection made after a change to the env, fitted with the
 #: shipped recipe (training seed 0 only: a pilot, never eligible for the selection).
 PILOT = os.environ.get("RLHPO_LOFO_PILOT", "")
@@ -91,7 +97,7 @@ def env_config():
     from rlhpo.agents import load_settings
     from rlhpo.env import EnvConfig
 
-    cfg = load_settings("vine").env_config("default")
+    cfg = load_settings("vine").env_config(SUITE)
     rollback, c = SETTINGS[SETTING]
     return EnvConfig.of(cfg, budget_scale=1.0, lr_scale=(c, c), timing=False, rollback=rollback)
 
@@ -274,7 +280,7 @@ def evaluate(
     from rlhpo.tasks import load_suite
 
     OUT.mkdir(exist_ok=True)
-    suite = load_suite("default")
+    suite = load_suite(SUITE)
     folds = {f.family: list(f.val) for f in suite.folds()}
     prior_path = OUT / "prior_runs.jsonl"
     stored = {}
@@ -494,7 +500,7 @@ def _amended_selection(variants: list[dict]) -> tuple[str, dict | None]:
     """The amended rule's table and pick, from every setting's ``results.csv``."""
     per_setting = {}
     for s in RULE_SETTINGS:
-        path = HERE / ("vine_lofo" + (f"_{s}" if s else "")) / "results.csv"
+        path = HERE / (PREFIX + (f"_{s}" if s else "")) / "results.csv"
         if path.is_file():
             per_setting[s] = summarise(list(csv.DictReader(path.open())), variants)[1]
     try:
@@ -586,6 +592,13 @@ def report() -> str:
             f"**Pilot** (`--pilot {PILOT}`): one collection after the lr-bounds change, "
             "training seed 0 only; not eligible for the selection.\n\n"
         )
+    if SUITE != "default":
+        setting += (
+            f"**Suite `{SUITE}`** (`--suite {SUITE}`): its train families are the folds. A "
+            "family that no collection holds (none of its episodes) gets the policy fitted "
+            "on every episode, so its fold measures transfer to a family never trained on; "
+            "the other folds equal the default suite's. Not part of the selection.\n\n"
+        )
     text = (
         "# Leave-one-family-out validation of the vine policy (issue #22)\n\n"
         + setting
@@ -674,7 +687,7 @@ def plot_decisions(rows: list[dict], names: list[str], folds: list[str]) -> Path
             histtype="step",
             label=[f"{n}: lr down", f"{n}: lr up"],
         )
-    path = HERE / "vine_decisions.png"
+    path = HERE / ("vine_decisions.png" if SUITE == "default" else f"{PREFIX}_decisions.png")
     finish_decision_plot(
         fig, folds, width, "held-out family (train-split instances, 3 seeds)", "they", path
     )
@@ -712,6 +725,7 @@ def main() -> None:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--prior-only", action="store_true", help="only the prior's runs")
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="")
+    ap.add_argument("--suite", default="default", help="the suite whose families are the folds")
     ap.add_argument("--variants", help="comma-separated variant names (default: all)")
     ap.add_argument("--pilot", default="", help="branches.jsonl of a pilot collection")
     ap.add_argument(
@@ -754,9 +768,10 @@ def main() -> None:
         if v["kind"] == "vine" and (only is None or v["name"] in only):
             check_variant(v)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if a.setting != SETTING or a.pilot != PILOT:  # read at import, also by the workers
-        os.environ["RLHPO_LOFO_SETTING"] = a.setting
+    if a.setting != SETTING or a.pilot != PILOT or a.suite != SUITE:  # read at import
+        os.environ["RLHPO_LOFO_SETTING"] = a.setting  # (also by the workers)
         os.environ["RLHPO_LOFO_PILOT"] = a.pilot
+        os.environ["RLHPO_LOFO_SUITE"] = a.suite
         os.execv(sys.executable, [sys.executable, *sys.argv])
     if a.prior_only:
         return evaluate(None, a.jobs)
